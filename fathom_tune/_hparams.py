@@ -1,0 +1,125 @@
+"""FedAvg client hyperparameters and their bounds.
+
+The three hyperparameters that FATHOM ("Federated Hypergradient Descent",
+A. K. Kan, arXiv 2211.02106) tunes, with the integer conventions of the
+project's FATHOM_SPEC:
+
+* ``learning_rate`` (eta): the client SGD learning rate.
+* ``local_epochs`` (E), real-valued: client ``i`` with ``n_i`` examples runs
+  ``K_i = max(ceil(E * n_i / B_int), 1)`` local steps.
+* ``batch_size`` (B), real-valued: every local step uses exactly
+  ``B_int = max(round_half_up(B), 1)`` examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+NAMES = ("learning_rate", "local_epochs", "batch_size")
+
+
+def batch_int(batch_size: float) -> int:
+    """``B_int = max(round_half_up(B), 1)``.
+
+    >>> batch_int(2.5), batch_int(2.49), batch_int(0.2)
+    (3, 2, 1)
+    """
+    return max(int(math.floor(batch_size + 0.5)), 1)
+
+
+def local_steps(local_epochs: float, num_examples: int, batch_size: float) -> int:
+    """``K_i = max(ceil(E * n_i / B_int), 1)``.
+
+    >>> local_steps(1.0, 130, 20.0), local_steps(0.01, 130, 20.0), local_steps(2.0, 7, 256.0)
+    (7, 1, 1)
+    """
+    return max(math.ceil(local_epochs * num_examples / batch_int(batch_size)), 1)
+
+
+def check_positive_finite(name: str, value) -> float:
+    """Returns ``value`` as a float, or raises naming ``name`` and what is allowed."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class HParams:
+    """One round's client hyperparameters.
+
+    Example:
+        >>> hp = HParams(learning_rate=0.1, local_epochs=1.0, batch_size=20.0)
+        >>> hp.batch_int, hp.local_steps(130)
+        (20, 7)
+    """
+
+    learning_rate: float
+    local_epochs: float
+    batch_size: float
+
+    def __post_init__(self):
+        for name in NAMES:
+            object.__setattr__(self, name, check_positive_finite(name, getattr(self, name)))
+
+    @property
+    def batch_int(self) -> int:
+        return batch_int(self.batch_size)
+
+    def local_steps(self, num_examples: int) -> int:
+        return local_steps(self.local_epochs, num_examples, self.batch_size)
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in NAMES}
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """Lower and upper bounds on the hyperparameters (inclusive).
+
+    Example:
+        >>> b = Bounds(lower=HParams(1e-3, 0.1, 1.0), upper=HParams(1.0, 10.0, 256.0))
+        >>> b.contains(HParams(0.1, 1.0, 20.0))
+        True
+        >>> b.clip(HParams(5.0, 1.0, 0.5))
+        HParams(learning_rate=1.0, local_epochs=1.0, batch_size=1.0)
+    """
+
+    lower: HParams
+    upper: HParams
+
+    def __post_init__(self):
+        for side in ("lower", "upper"):
+            if not isinstance(getattr(self, side), HParams):
+                raise TypeError(f"Bounds.{side} must be an HParams, got {getattr(self, side)!r}")
+        for name in NAMES:
+            lo, hi = getattr(self.lower, name), getattr(self.upper, name)
+            if lo > hi:
+                raise ValueError(
+                    f"Bounds: lower {name}={lo!r} is greater than upper {name}={hi!r}; "
+                    "lower must be <= upper"
+                )
+
+    def contains(self, hparams: HParams) -> bool:
+        return all(
+            getattr(self.lower, n) <= getattr(hparams, n) <= getattr(self.upper, n) for n in NAMES
+        )
+
+    def check(self, hparams: HParams, what: str = "hparams") -> None:
+        """Raises ``ValueError`` naming the first hyperparameter outside the bounds."""
+        for n in NAMES:
+            lo, v, hi = getattr(self.lower, n), getattr(hparams, n), getattr(self.upper, n)
+            if not lo <= v <= hi:
+                raise ValueError(f"{what}.{n}={v!r} is outside the bounds [{lo!r}, {hi!r}]")
+
+    def clip(self, hparams: HParams) -> HParams:
+        return HParams(
+            **{
+                n: min(max(getattr(hparams, n), getattr(self.lower, n)), getattr(self.upper, n))
+                for n in NAMES
+            }
+        )

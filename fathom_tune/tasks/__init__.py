@@ -1,0 +1,1 @@
+"""Built-in federated tasks, one module per data source."""
