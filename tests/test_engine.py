@@ -1,0 +1,255 @@
+import math
+
+import fedjax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fathom_tune import HParams
+from fathom_tune.engine import Cost, Engine, ServerState, bucket_size, default_buckets, sample_clients
+
+from _toy import mlp_model, toy_task
+
+
+def flat(tree):
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(tree)])
+
+
+def cos(a, b):
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
+
+
+def test_full_batch_round_matches_independent_gradient_descent():
+    # Equal clients of 10 examples, B = 10 (padded to the bucket 12), E = 3:
+    # every client runs K = 3 full-batch gradient steps, whatever the shuffle.
+    task = toy_task(sizes=(10,) * 5, clients_per_round=3)
+    eng = Engine(task, seed=3)
+    state = eng.init()
+    hp = HParams(learning_rate=0.3, local_epochs=3.0, batch_size=10.0)
+    new_state, res = eng.run_round(state, hp)
+
+    model = task.model
+    x0 = state.params
+
+    def loss(p, batch):
+        return jnp.mean(model.train_loss(batch, model.apply_for_train(p, batch, None)))
+
+    deltas, phis, losses = [], [], []
+    for cid in res.client_ids:
+        batch = task.train.get_client(cid).all_examples()
+        p = x0
+        phi, ls = 1.0, []
+        for _ in range(3):
+            value, g = jax.value_and_grad(loss)(p, batch)
+            p = jax.tree_util.tree_map(lambda a, b: a - 0.3 * b, p, g)
+            phi = min(phi, cos(flat(g), flat(x0) - flat(p)))
+            ls.append(float(value))
+        deltas.append(flat(x0) - flat(p))
+        phis.append(phi)
+        losses.append(np.mean(ls))
+    u = np.mean(deltas, axis=0)  # equal sizes: equal weights
+
+    assert list(res.local_steps) == [3, 3, 3]
+    np.testing.assert_allclose(flat(res.update), u, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(flat(new_state.params), flat(x0) - u, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(res.phi, phis, atol=1e-4)
+    assert res.local_hypergradient == pytest.approx(np.mean(phis), abs=1e-4)
+    assert res.train_loss == pytest.approx(np.mean(losses), rel=1e-4)
+    assert new_state.round == 1
+    assert res.cost.examples == 3 * 3 * 10 and res.cost.steps == 9
+
+
+def test_unequal_clients_linear_loss_one_epoch_matches_closed_form():
+    # A loss linear in the parameters has a constant per-example gradient, so one
+    # epoch of K_i = n_i / B steps moves a client by eta / B * (sum of its
+    # per-example gradients), whatever the order of the batches.
+    sizes = (20, 40, 60, 30)
+    task = toy_task(sizes=sizes, clients_per_round=4, model=mlp_model(linear_loss=True))
+    eng = Engine(task, seed=0)
+    state = eng.init()
+    hp = HParams(learning_rate=0.5, local_epochs=1.0, batch_size=10.0)
+    _, res = eng.run_round(state, hp)
+
+    model = task.model
+
+    def summed(p, batch):
+        return jnp.sum(model.train_loss(batch, model.apply_for_train(p, batch, None)))
+
+    n = np.array([task.train.client_size(c) for c in res.client_ids])
+    deltas = []
+    for cid in res.client_ids:
+        batch = task.train.get_client(cid).all_examples()
+        deltas.append(0.5 / 10 * flat(jax.grad(summed)(state.params, batch)))
+    u = np.sum(np.array(deltas) * (n / n.sum())[:, None], axis=0)
+
+    assert list(res.local_steps) == list(n // 10)
+    np.testing.assert_allclose(flat(res.update), u, rtol=1e-4, atol=1e-6)
+    assert res.cost.examples == int(n.sum()) and res.cost.steps == int(n.sum() // 10)
+
+
+@pytest.mark.parametrize("client_block", [1, 2, 4])
+def test_padding_blocks_and_chunks_do_not_change_the_math(client_block):
+    task = toy_task()
+    hp = HParams(learning_rate=0.2, local_epochs=1.3, batch_size=7.0)  # B=7 pads to 8
+    exact = Engine(task, seed=1, buckets=range(1, 300), client_block=4, steps_per_call=16)
+    other = Engine(task, seed=1, client_block=client_block, steps_per_call=3)
+    a, b = exact.init(), other.init()
+    for _ in range(3):
+        a, ra = exact.run_round(a, hp)
+        b, rb = other.run_round(b, hp)
+    np.testing.assert_allclose(flat(a.params), flat(b.params), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ra.phi, rb.phi, atol=1e-5)
+    assert ra.train_loss == pytest.approx(rb.train_loss, rel=1e-5)
+
+
+def test_same_seed_identical_parameters_and_other_seed_differs():
+    task = toy_task()
+    hps = [HParams(0.1, 1.0, 10.0), HParams(0.05, 2.0, 5.0), HParams(0.2, 0.5, 17.0)]
+
+    def run(seed):
+        eng = Engine(task, seed=seed)
+        s = eng.init()
+        for hp in hps:
+            s, _ = eng.run_round(s, hp)
+        return flat(s.params)
+
+    first, second = run(7), run(7)
+    assert np.array_equal(first, second)
+    assert not np.array_equal(first, run(8))
+
+
+def test_client_sampling_is_a_function_of_seed_and_round():
+    a = [tuple(sample_clients(5, r, 100, 10)) for r in range(20)]
+    b = [tuple(sample_clients(5, r, 100, 10)) for r in range(20)]
+    assert a == b
+    assert all(len(set(s)) == 10 and min(s) >= 0 and max(s) < 100 for s in a)
+    assert len(set(a)) == 20  # rounds differ
+    counts = np.bincount(np.concatenate([sample_clients(0, r, 10, 3) for r in range(3000)]), minlength=10)
+    # Uniform: each of 10 clients is picked with probability 3/10 per round.
+    assert np.all(np.abs(counts / 3000 - 0.3) < 0.03)
+
+
+def test_batch_size_sweep_compiles_a_bounded_number_of_programs():
+    task = toy_task(sizes=(300,) * 4, clients_per_round=2)
+    eng = Engine(task, seed=0, steps_per_call=2)
+    s = eng.init()
+    for b in np.geomspace(4, 256, 40):
+        s, _ = eng.run_round(s, HParams(0.05, 0.5, float(b)))
+    buckets_met = {bucket_size(HParams(0.05, 0.5, float(b)).batch_int, default_buckets()) for b in np.geomspace(4, 256, 40)}
+    assert eng.compile_counts["local_steps"] == len(buckets_met) <= 13
+    before = eng.compile_count
+    for lr, e in [(0.01, 0.2), (0.3, 3.0), (0.001, 9.0)]:
+        s, _ = eng.run_round(s, HParams(lr, e, 200.0))  # 200 -> bucket 256, already compiled
+    assert eng.compile_count == before
+
+
+def test_server_optimizer_sees_the_mean_update_as_a_gradient():
+    task = toy_task()
+    eng = Engine(task, seed=0, server_optimizer=optax.sgd(0.5))
+    s = eng.init()
+    s2, res = eng.run_round(s, HParams(0.1, 1.0, 10.0))
+    np.testing.assert_allclose(flat(s2.params), flat(s.params) - 0.5 * flat(res.update), rtol=1e-5, atol=1e-7)
+
+
+def test_cost_counts_bytes_examples_and_steps():
+    task = toy_task(sizes=(30, 45, 60, 25, 50, 40), clients_per_round=3)
+    eng = Engine(task, seed=0)
+    s = eng.init()
+    n_params = sum(np.size(x) for x in jax.tree_util.tree_leaves(s.params))
+    _, res = eng.run_round(s, HParams(0.1, 2.0, 8.0))
+    expected_steps = [max(math.ceil(2.0 * n / 8), 1) for n in res.num_examples]
+    assert list(res.local_steps) == expected_steps
+    assert res.cost.examples == 8 * sum(expected_steps)
+    assert res.cost.bytes_down == 3 * 4 * n_params
+    assert res.cost.bytes_up == 3 * (4 * n_params + 12)
+    assert res.cost.rounds == 1 and res.cost.seconds > 0
+    total = res.cost + res.cost
+    assert total.rounds == 2 and total.examples == 2 * res.cost.examples
+
+
+def test_evaluate_matches_fedjax_evaluate_model():
+    task = toy_task()
+    eng = Engine(task, seed=0, eval_batch_size=32)
+    s = eng.init()
+    s, _ = eng.run_round(s, HParams(0.1, 1.0, 10.0))
+    ours = eng.evaluate(s.params, "validation")
+    batches = fedjax.padded_batch_client_datasets([ds for _, ds in task.validation.clients()], batch_size=16)
+    ref = fedjax.evaluate_model(task.model, s.params, batches)
+    assert set(ours) == {"loss", "accuracy"}
+    for k in ours:
+        assert ours[k] == pytest.approx(float(ref[k]), rel=1e-5)
+    # accuracy over 103 pooled examples is a multiple of 1/103
+    assert round(ours["accuracy"] * 103, 4) == round(ours["accuracy"] * 103)
+
+
+def test_divergent_round_is_reported_not_finite():
+    task = toy_task()
+    eng = Engine(task, seed=0)
+    s = eng.init()
+    _, res = eng.run_round(s, HParams(1e38, 3.0, 5.0))
+    assert res.finite is False
+    _, ok = eng.run_round(s, HParams(0.1, 1.0, 10.0))
+    assert ok.finite is True
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(seed=1.5), ValueError, "seed"),
+        (dict(server_optimizer="sgd"), TypeError, "server_optimizer"),
+        (dict(buckets=(4, 2)), ValueError, "buckets"),
+        (dict(buckets=()), ValueError, "buckets"),
+        (dict(client_block=0), ValueError, "client_block"),
+        (dict(steps_per_call=0), ValueError, "steps_per_call"),
+        (dict(eval_batch_size=True), TypeError, "eval_batch_size"),
+    ],
+)
+def test_engine_rejects_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        Engine(toy_task(), **kwargs)
+
+
+def test_run_round_and_evaluate_reject_bad_arguments():
+    eng = Engine(toy_task(), seed=0)
+    s = eng.init()
+    with pytest.raises(TypeError, match="hparams"):
+        eng.run_round(s, {"learning_rate": 0.1})
+    with pytest.raises(TypeError, match="state"):
+        eng.run_round(s.params, HParams(0.1, 1.0, 10.0))
+    with pytest.raises(ValueError, match="split"):
+        eng.evaluate(s.params, "valid")
+    with pytest.raises(TypeError, match="task"):
+        Engine("digits")
+    big = toy_task(sizes=(4,) * 3, clients_per_round=1)
+    with pytest.raises(ValueError, match="largest bucket"):
+        Engine(big, buckets=(1, 2, 4)).run_round(ServerState(s.params, None), HParams(0.1, 1.0, 8.0))
+
+
+@pytest.mark.parametrize(
+    "field, value, error, match",
+    [
+        ("learning_rate", 0.0, ValueError, "learning_rate"),
+        ("learning_rate", -1.0, ValueError, "learning_rate"),
+        ("local_epochs", float("nan"), ValueError, "local_epochs"),
+        ("batch_size", float("inf"), ValueError, "batch_size"),
+        ("batch_size", "20", TypeError, "batch_size"),
+        ("local_epochs", True, TypeError, "local_epochs"),
+    ],
+)
+def test_hparams_reject_non_positive_or_non_finite(field, value, error, match):
+    good = dict(learning_rate=0.1, local_epochs=1.0, batch_size=20.0)
+    good[field] = value
+    with pytest.raises(error, match=match):
+        HParams(**good)
+
+
+def test_cost_and_hparams_integer_conventions():
+    assert HParams(0.1, 1.0, 2.5).batch_int == 3  # round half up
+    assert HParams(0.1, 1.0, 0.3).batch_int == 1
+    assert HParams(0.1, 0.01, 20.0).local_steps(130) == 1  # at least one step
+    assert HParams(0.1, 1.0, 20.0).local_steps(130) == 7  # ceil(6.5)
+    assert Cost() + Cost(rounds=1) == Cost(rounds=1)
