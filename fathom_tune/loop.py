@@ -1,0 +1,252 @@
+"""The one round loop that FATHOM and every baseline run.
+
+A *schedule* picks each round's hyperparameters and sees each round's result;
+:func:`run` owns everything else (the engine, evaluation cadence, divergence
+handling, the ledger, the history and the progress bar), so the tuners differ
+only in who picks the hyperparameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from fathom_tune._hparams import HParams
+from fathom_tune.engine import Cost, Engine, RoundResult, ServerState
+from fathom_tune.task import Target, check_positive_int
+
+__all__ = [
+    "Outcome",
+    "RunResult",
+    "Schedule",
+    "Static",
+    "fedavg",
+    "rounds_to_target",
+    "run",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What a schedule decides after seeing a round.
+
+    Attributes:
+        stop: end the run after this round.
+        record: extra columns for this round's history row.
+    """
+
+    stop: bool = False
+    record: dict = dataclasses.field(default_factory=dict)
+
+
+class Schedule(Protocol):
+    """Picks the hyperparameters of each round and observes its result."""
+
+    def propose(self, round_index: int) -> HParams:
+        """The hyperparameters for round ``round_index`` (0-based)."""
+
+    def observe(self, result: RoundResult, metrics: dict[str, float] | None, accepted: bool) -> Outcome:
+        """Sees a finished round.
+
+        Args:
+            result: the round's :class:`~fathom_tune.engine.RoundResult`.
+            metrics: validation metrics when the round evaluated, else ``None``.
+            accepted: ``False`` when the round diverged (non-finite loss or
+                update) and its model was discarded.
+        """
+
+
+@dataclasses.dataclass
+class Static:
+    """FedAvg with fixed hyperparameters; stops at the first divergent round.
+
+    Args:
+        hparams: the hyperparameters of every round.
+        on_eval: optional callback ``(round_index, metrics) -> bool``; returning
+            ``True`` stops the run (e.g. an Optuna pruner said so).
+    """
+
+    hparams: HParams
+    on_eval: Callable[[int, dict[str, float]], bool] | None = None
+
+    def propose(self, round_index: int) -> HParams:
+        return self.hparams
+
+    def observe(self, result, metrics, accepted) -> Outcome:
+        if not accepted:
+            return Outcome(stop=True, record={"diverged": True})
+        if metrics is not None and self.on_eval is not None:
+            return Outcome(stop=bool(self.on_eval(result.round, metrics)))
+        return Outcome()
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """One training run.
+
+    Attributes:
+        state: the final server state (the last accepted model).
+        history: one row per round (see :func:`run`).
+        cost: the run's total cost (every round, discarded ones too).
+        final_metrics: validation metrics of the final model.
+        target: the task's target, used by :meth:`rounds_to_target`.
+    """
+
+    state: ServerState
+    history: pd.DataFrame
+    cost: Cost
+    final_metrics: dict[str, float]
+    target: Target
+
+    @property
+    def params(self):
+        return self.state.params
+
+    def rounds_to_target(self, target: Target | None = None) -> int | None:
+        """Rounds until validation first met ``target`` (default: the task's), or None."""
+        return rounds_to_target(self.history, target or self.target)
+
+
+def rounds_to_target(history: pd.DataFrame, target: Target, column: str = "rounds") -> int | None:
+    """The cumulative ``column`` (rounds, examples, ...) at the first evaluation meeting ``target``.
+
+    Example:
+        >>> h = pd.DataFrame({"rounds": [1, 2, 3], "val_accuracy": [float("nan"), 0.5, 0.9]})
+        >>> rounds_to_target(h, Target("accuracy", 0.8))
+        3
+    """
+    col = f"val_{target.metric}"
+    if col not in history:
+        return None
+    for value, spent in zip(history[col], history[column]):
+        if value == value and target.reached(float(value)):
+            return int(spent)
+    return None
+
+
+def run(
+    engine: Engine,
+    schedule: Schedule,
+    *,
+    num_rounds: int | None = None,
+    eval_every: int | None = None,
+    state: ServerState | None = None,
+    progress: bool | str = False,
+) -> RunResult:
+    """Runs FedAvg rounds with the hyperparameters ``schedule`` picks.
+
+    Every ``eval_every`` rounds, and after the last, the model is evaluated on
+    the validation clients. A round whose training loss or update is not
+    finite is *discarded*: the model stays at the last accepted state (its
+    cost still counts) and the schedule is told ``accepted=False``.
+
+    The history has one row per round: ``round``, the three hyperparameters,
+    ``local_steps`` (sum over clients), ``train_loss``, ``G``, ``accepted``,
+    the validation metrics as ``val_<name>`` on evaluation rounds (NaN
+    elsewhere), the cumulative ``rounds``, ``examples``, ``steps``,
+    ``bytes_up``, ``bytes_down``, ``seconds``, and what the schedule adds.
+
+    Args:
+        engine: the engine (task, seed, server optimizer).
+        schedule: e.g. :class:`Static` or FATHOM's schedule.
+        num_rounds: default: the task's ``num_rounds``.
+        eval_every: default: the task's ``eval_every``.
+        state: resume from this state (default: a fresh model).
+        progress: show a progress bar; a string is used as its label.
+
+    Example:
+        >>> import fathom_tune
+        >>> from fathom_tune.engine import Engine
+        >>> task = fathom_tune.tasks.digits()
+        >>> out = run(Engine(task), Static(task.init_hparams), num_rounds=4, eval_every=2)
+        >>> list(out.history["rounds"]), out.cost.rounds
+        ([1, 2, 3, 4], 4)
+    """
+    task = engine.task
+    num_rounds = check_positive_int("num_rounds", task.num_rounds if num_rounds is None else num_rounds)
+    eval_every = check_positive_int("eval_every", task.eval_every if eval_every is None else eval_every)
+    state = engine.init() if state is None else state
+    cost = Cost()
+    rows = []
+    final_metrics: dict[str, float] = {}
+    bar = tqdm(
+        total=num_rounds,
+        desc=progress if isinstance(progress, str) else task.name,
+        disable=not progress,
+        leave=False,
+    )
+    with bar:
+        for i in range(num_rounds):
+            hparams = schedule.propose(state.round)
+            new_state, result = engine.run_round(state, hparams)
+            accepted = result.finite
+            last = i == num_rounds - 1
+            metrics = None
+            if accepted:
+                state = new_state
+                if (i + 1) % eval_every == 0 or last:
+                    metrics = engine.evaluate(state.params, "validation")
+            else:
+                state = dataclasses.replace(state, round=state.round + 1)
+            outcome = schedule.observe(result, metrics, accepted)
+            cost = cost + result.cost
+            rows.append(_row(result, metrics, accepted, cost, outcome.record))
+            if metrics is not None:
+                final_metrics = metrics
+                bar.set_postfix({task.target.metric: f"{metrics.get(task.target.metric, math.nan):.4f}"})
+            bar.update(1)
+            if outcome.stop:
+                break
+    if f"val_{task.target.metric}" not in rows[-1]:  # stopped early or diverged last
+        final_metrics = engine.evaluate(state.params, "validation")
+        for k, v in final_metrics.items():
+            rows[-1][f"val_{k}"] = v
+    history = pd.DataFrame(rows)
+    return RunResult(state=state, history=history, cost=cost, final_metrics=final_metrics, target=task.target)
+
+
+def _row(result: RoundResult, metrics, accepted: bool, cost: Cost, extra: dict) -> dict:
+    row = {
+        "round": result.round,
+        **result.hparams.as_dict(),
+        "local_steps": int(np.sum(result.local_steps)),
+        "train_loss": result.train_loss,
+        "G": result.local_hypergradient,
+        "accepted": accepted,
+    }
+    if metrics is not None:
+        row.update({f"val_{k}": v for k, v in metrics.items()})
+    row.update(cost.as_dict())
+    row.update(extra)
+    return row
+
+
+def fedavg(
+    task,
+    hparams: HParams | None = None,
+    *,
+    seed: int = 0,
+    num_rounds: int | None = None,
+    eval_every: int | None = None,
+    progress: bool | str = False,
+    **engine_kwargs,
+) -> RunResult:
+    """Static FedAvg on ``task`` (default: the task's initial hyperparameters).
+
+    Example:
+        >>> import fathom_tune
+        >>> out = fedavg(fathom_tune.tasks.digits(), num_rounds=3)
+        >>> out.cost.rounds
+        3
+    """
+    hparams = task.init_hparams if hparams is None else hparams
+    if not isinstance(hparams, HParams):
+        raise TypeError(f"hparams must be an HParams, got {hparams!r}")
+    engine = Engine(task, seed=seed, **engine_kwargs)
+    return run(engine, Static(hparams), num_rounds=num_rounds, eval_every=eval_every, progress=progress)
