@@ -1,0 +1,71 @@
+"""Opening Optuna storages from what a user passes, with errors that name the argument."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage
+from optuna.storages.journal import JournalFileBackend
+
+__all__ = ["mask_url", "open_storage"]
+
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for logs and reports).
+
+    >>> mask_url("postgresql://bob:secret@db:5432/optuna")
+    'postgresql://bob:***@db:5432/optuna'
+    """
+    return re.sub(r"(://[^:/@]+:)[^@/]+@", r"\1***@", url)
+
+
+def open_storage(storage, *, argument: str = "storage") -> BaseStorage | None:
+    """An Optuna storage from ``storage``.
+
+    Args:
+        storage: ``None`` (in memory), an ``optuna.storages.BaseStorage``, an
+            RDB URL (``sqlite:///path.db``, ``postgresql://...``), or the path
+            of a journal file (``*.log``/``*.jsonl``; created if absent, its
+            directory must exist).
+        argument: the argument's name, for error messages.
+
+    Raises:
+        ValueError: naming the argument and the (password-masked) value when
+            the storage cannot be opened.
+        TypeError: for any other kind of value.
+
+    Example:
+        >>> open_storage(None) is None
+        True
+    """
+    if storage is None or isinstance(storage, BaseStorage):
+        return storage
+    if isinstance(storage, os.PathLike):
+        storage = os.fspath(storage)
+    if not isinstance(storage, str):
+        raise TypeError(
+            f"{argument} must be None, an optuna BaseStorage, an RDB URL or a journal file path, "
+            f"got {type(storage).__name__}"
+        )
+    if _URL.match(storage):
+        try:
+            return optuna.storages.get_storage(storage)
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy, driver and URL errors alike
+            raise ValueError(
+                f"{argument}={mask_url(storage)!r} cannot be opened as an Optuna RDB storage: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+    path = pathlib.Path(storage)
+    if path.is_dir():
+        raise ValueError(f"{argument}={storage!r} is a directory; give a journal file path or a URL")
+    if not path.parent.is_dir():
+        raise ValueError(f"{argument}={storage!r}: directory {str(path.parent)!r} does not exist")
+    try:
+        return JournalStorage(JournalFileBackend(str(path)))
+    except OSError as exc:
+        raise ValueError(f"{argument}={storage!r} cannot be opened as a journal file: {exc}") from None
