@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import pathlib
 import re
-import runpy
 import warnings
 
 import jax.numpy as jnp
@@ -21,7 +20,6 @@ from optuna.testing.pytest_samplers import (
 )
 from optuna.trial import TrialState
 
-import fathom_tune
 from fathom_tune._hparams import Bounds, HParams
 from fathom_tune._hypergrad import ClientTracker, FathomConfig, ServerTracker, aggregate_round
 from fathom_tune._sampler import (
@@ -481,27 +479,3 @@ def test_ask_and_tell_example_runs():
     assert trials[0].user_attrs[H_ATTR] == 0.0  # m = 0 in round 1
     assert len({t.params["batch_size"] for t in trials}) == 25  # the schedule moves
     assert np.linalg.norm(x - optimum) < 0.5
-
-
-def test_docs_snippet_runs(monkeypatch, tmp_path):
-    snippet = pathlib.Path(__file__).resolve().parents[1] / "docs_sampler_snippet.md"
-    if not snippet.exists():
-        pytest.skip("docs_sampler_snippet.md has been merged elsewhere")
-    blocks = re.findall(r"```python\n(.*?)```", snippet.read_text(), flags=re.DOTALL)
-    assert blocks
-    # until fathom_tune re-exports these names, provide them for the snippet
-    for name, value in {
-        "FathomSampler": FathomSampler,
-        "FathomConfig": FathomConfig,
-        "ClientTracker": ClientTracker,
-        "ServerTracker": ServerTracker,
-        "aggregate_round": aggregate_round,
-        "report_round": report_round,
-        "report_divergence": report_divergence,
-    }.items():
-        if not hasattr(fathom_tune, name):
-            monkeypatch.setattr(fathom_tune, name, value, raising=False)
-    for i, block in enumerate(blocks):
-        script = tmp_path / f"snippet_{i}.py"
-        script.write_text(block)
-        runpy.run_path(str(script), run_name="snippet")
