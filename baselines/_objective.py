@@ -1,0 +1,298 @@
+"""The one objective every baseline optimizes: a full static-hyperparameter FedAvg run.
+
+A trial suggests the three client hyperparameters that FATHOM ("Federated
+Hypergradient Descent", A. K. Kan, arXiv 2211.02106) tunes, ``learning_rate``,
+``local_epochs`` and ``batch_size``, as log-scale floats within the search
+space (by default the task's bounds, exactly FATHOM's search space), then runs
+FedAvg with them through the project's one round loop,
+``fathom_tune.loop.run(Engine(task, seed=seed), Static(hparams, on_eval=...))``.
+At every evaluation round the validation value of the task's target metric is
+reported with ``trial.report(value, rounds_run)`` and ``trial.should_prune()``
+may end the run; the run's ledger goes into the trial's user attributes.
+
+Trial user attributes (the storage is the record; reports read these):
+
+* ``rounds``, ``examples``, ``steps``, ``bytes_down``, ``bytes_up``,
+  ``seconds``: the run's :class:`~fathom_tune.engine.Cost` (partial for a
+  pruned or diverged run);
+* ``evals``: one dict per evaluation, ``{"rounds", "examples", "val_<metric>"...}``
+  with the trial's cumulative rounds and client examples at that evaluation;
+* ``diverged``: whether the run stopped at a non-finite round;
+* ``test_<metric>``: the test metrics of the run's final model, recorded only
+  for a completed trial that was the best on validation when it finished
+  (so the model a study finally chooses always has them). Never read to choose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import final
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from fathom_tune._hparams import NAMES, Bounds, HParams
+from fathom_tune.engine import Cost, Engine, sample_clients
+from fathom_tune.loop import Static
+from fathom_tune.loop import run as run_loop
+from fathom_tune.task import Task, check_positive_int
+
+__all__ = [
+    "DIVERGED_ATTR",
+    "EVALS_ATTR",
+    "LEDGER_ATTRS",
+    "Objective",
+    "cheapest_examples",
+    "check_space",
+    "costliest_examples",
+    "ledger",
+    "projected_cost",
+    "suggest",
+]
+
+LEDGER_ATTRS = tuple(f.name for f in dataclasses.fields(Cost))
+"""Trial user attrs holding the run's ledger: the fields of :class:`~fathom_tune.engine.Cost`."""
+
+EVALS_ATTR = "evals"
+"""Trial user attr: the per-evaluation validation record (see the module docstring)."""
+
+DIVERGED_ATTR = "diverged"
+"""Trial user attr: ``True`` when the run stopped at a non-finite round."""
+
+
+def check_space(space: Bounds | None, task: Task) -> Bounds:
+    """The search space: ``space`` if it lies within ``task.bounds``, the bounds when None.
+
+    Raises:
+        TypeError: ``space`` is not a :class:`~fathom_tune.Bounds`.
+        ValueError: a side of ``space`` lies outside the task's bounds.
+
+    Example:
+        >>> import fathom_tune
+        >>> task = fathom_tune.tasks.digits()
+        >>> check_space(None, task) == task.bounds
+        True
+    """
+    if space is None:
+        return task.bounds
+    if not isinstance(space, Bounds):
+        raise TypeError(f"space must be a fathom_tune.Bounds or None, got {space!r}")
+    for side in ("lower", "upper"):
+        hp = getattr(space, side)
+        if not task.bounds.contains(hp):
+            lo, hi = task.bounds.lower, task.bounds.upper
+            allowed = ", ".join(f"{n} in [{getattr(lo, n)!r}, {getattr(hi, n)!r}]" for n in NAMES)
+            raise ValueError(
+                f"space.{side}={hp!r} lies outside the bounds of task {task.name!r}; "
+                f"allowed: {allowed}"
+            )
+    return space
+
+
+def suggest(trial: optuna.Trial, space: Bounds) -> HParams:
+    """Suggests the three hyperparameters on ``trial``: log-scale floats within ``space``.
+
+    Example:
+        >>> import optuna
+        >>> from fathom_tune import Bounds, HParams
+        >>> space = Bounds(HParams(1e-3, 0.1, 1.0), HParams(1.0, 10.0, 64.0))
+        >>> hp = suggest(optuna.create_study().ask(), space)
+        >>> space.contains(hp)
+        True
+    """
+    return HParams(
+        **{
+            n: trial.suggest_float(n, getattr(space.lower, n), getattr(space.upper, n), log=True)
+            for n in NAMES
+        }
+    )
+
+
+def _sampled_sizes(task: Task, seed: int, num_rounds: int) -> np.ndarray:
+    """``n_i`` of the clients each round samples, ``[num_rounds, clients_per_round]``.
+
+    Uses the engine's client order (``task.train.client_ids()``) and its
+    sampling rule, :func:`fathom_tune.engine.sample_clients`.
+    """
+    ids = list(task.train.client_ids())
+    sizes = {}
+    out = np.zeros((num_rounds, task.clients_per_round), np.int64)
+    for r in range(num_rounds):
+        for j, i in enumerate(sample_clients(seed, r, len(ids), task.clients_per_round)):
+            if i not in sizes:
+                sizes[i] = task.train.client_size(ids[i])
+            out[r, j] = sizes[i]
+    return out
+
+
+def projected_cost(
+    task: Task, hparams: HParams, *, seed: int, num_rounds: int | None = None
+) -> Cost:
+    """Rounds, client examples and local steps of a full static run, before running it.
+
+    Client sampling is a function of ``(seed, round)``, so a run that is not
+    pruned and does not diverge costs exactly this (its wall time and bytes
+    are left at 0); a pruned or diverged run costs less.
+
+    Example:
+        >>> import fathom_tune
+        >>> task = fathom_tune.tasks.digits()
+        >>> projected_cost(task, task.init_hparams, seed=0, num_rounds=3).rounds
+        3
+    """
+    num_rounds = check_positive_int(
+        "num_rounds", task.num_rounds if num_rounds is None else num_rounds
+    )
+    sizes = _sampled_sizes(task, seed, num_rounds)
+    steps = np.vectorize(hparams.local_steps, otypes=[np.int64])(sizes)
+    total = int(steps.sum())
+    return Cost(rounds=num_rounds, examples=total * hparams.batch_int, steps=total)
+
+
+def cheapest_examples(task: Task, space: Bounds, *, seed: int) -> int:
+    """A lower bound on the client examples of any full run within ``space``.
+
+    A client with ``n`` examples costs ``K * B_int >= max(E * n, B_int)``, so a
+    run costs at least the sum over sampled clients of
+    ``ceil(max(E_low * n, B_int_low))``.
+    """
+    sizes = _sampled_sizes(task, seed, task.num_rounds)
+    per_client = np.maximum(space.lower.local_epochs * sizes, space.lower.batch_int)
+    return int(np.ceil(per_client - 1e-9).sum())
+
+
+def costliest_examples(task: Task, space: Bounds, *, seed: int) -> int:
+    """An upper bound on the client examples of any full run within ``space``.
+
+    ``K * B_int = ceil(E * n / B_int) * B_int <= E * n + B_int``.
+    """
+    sizes = _sampled_sizes(task, seed, task.num_rounds)
+    per_client = space.upper.local_epochs * sizes + space.upper.batch_int
+    return int(np.ceil(per_client).sum())
+
+
+def ledger(trial: optuna.trial.FrozenTrial) -> Cost:
+    """The cost recorded on ``trial`` (zero for a trial that recorded none, e.g. one not run)."""
+    attrs = trial.user_attrs
+    return Cost(**{n: attrs.get(n, 0) for n in LEDGER_ATTRS})
+
+
+def _better(a: float, b: float, direction: optuna.study.StudyDirection) -> bool:
+    """Whether ``a`` is at least as good as ``b``."""
+    if direction == optuna.study.StudyDirection.MAXIMIZE:
+        return a >= b
+    return a <= b
+
+
+@final
+class Objective:
+    """One trial = one full static-hyperparameter FedAvg run on ``task``.
+
+    The objective value is the final validation value of the task's target
+    metric (``task.target.metric``): the metric of the model the run ends
+    with (the last accepted model when a round diverged). Optimize it in the
+    direction of ``task.target.mode``. A pruned run raises
+    :class:`optuna.TrialPruned` after recording its partial ledger.
+
+    Every trial of the objective uses the same engine seed, so all
+    configurations start from the same model and see the same clients.
+
+    Args:
+        task: the federated task; a trial runs ``task.num_rounds`` rounds and
+            evaluates every ``task.eval_every`` rounds.
+        seed: the engine seed (initial model, client sampling and shuffling).
+        space: the search space, within ``task.bounds`` (default: the bounds).
+        on_start: called as ``on_start(trial, hparams)`` after the
+            hyperparameters are suggested and before training; raising there
+            ends the trial before it costs anything (the runner's budget check).
+
+    Attributes:
+        models: ``{trial number: final params}`` of the completed trials this
+            objective ran that were the best on validation when they finished
+            (ties included); trials that a later one beats are dropped.
+
+    Example:
+        >>> import optuna
+        >>> import fathom_tune
+        >>> task = fathom_tune.tasks.digits().replace(num_rounds=4, eval_every=2)
+        >>> study = optuna.create_study(direction="maximize")
+        >>> study.optimize(Objective(task, seed=0), n_trials=2)
+        >>> [t.user_attrs["rounds"] for t in study.trials]
+        [4, 4]
+    """
+
+    def __init__(
+        self,
+        task: Task,
+        *,
+        seed: int = 0,
+        space: Bounds | None = None,
+        on_start: Callable[[optuna.Trial, HParams], None] | None = None,
+    ) -> None:
+        if not isinstance(task, Task):
+            raise TypeError(f"task must be a fathom_tune.Task, got {type(task).__name__}")
+        self.task = task
+        self.space = check_space(space, task)
+        self.engine = Engine(task, seed=seed)
+        self.on_start = on_start
+        self.models: dict[int, object] = {}
+        self._values: dict[int, float] = {}
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        task, metric = self.task, self.task.target.metric
+        hparams = suggest(trial, self.space)
+        if self.on_start is not None:
+            self.on_start(trial, hparams)
+        pruned = False
+        reported: set[int] = set()
+
+        def on_eval(round_index: int, metrics: dict[str, float]) -> bool:
+            nonlocal pruned
+            step = round_index + 1  # rounds this trial has run
+            trial.report(metrics[metric], step)
+            reported.add(step)
+            pruned = step < task.num_rounds and trial.should_prune()
+            return pruned
+
+        out = run_loop(self.engine, Static(hparams, on_eval=on_eval))
+        history = out.history
+        evals = history[history[f"val_{metric}"].notna()]
+        val_cols = [c for c in history.columns if c.startswith("val_")]
+        records = [
+            {
+                "rounds": int(row["rounds"]),
+                "examples": int(row["examples"]),
+                **{c: float(row[c]) for c in val_cols},
+            }
+            for _, row in evals.iterrows()
+        ]
+        last = records[-1]
+        if last["rounds"] not in reported:  # a diverged run's final evaluation
+            trial.report(last[f"val_{metric}"], last["rounds"])
+        for name, value in out.cost.as_dict().items():
+            trial.set_user_attr(name, value)
+        trial.set_user_attr(EVALS_ATTR, records)
+        diverged = "diverged" in history and bool(history["diverged"].eq(True).any())
+        trial.set_user_attr(DIVERGED_ATTR, diverged)
+        if pruned:
+            raise optuna.TrialPruned(f"pruned after {out.cost.rounds} of {task.num_rounds} rounds")
+        value = float(out.final_metrics[metric])
+        if math.isfinite(value) and self._is_best_so_far(trial, value):
+            test = self.engine.evaluate(out.params, "test")
+            for name, v in test.items():
+                trial.set_user_attr(f"test_{name}", v)
+            direction = trial.study.direction
+            for number, v in list(self._values.items()):
+                if not _better(v, value, direction):
+                    del self.models[number], self._values[number]
+            self.models[trial.number], self._values[trial.number] = out.params, value
+        return value
+
+    @staticmethod
+    def _is_best_so_far(trial: optuna.Trial, value: float) -> bool:
+        study = trial.study
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return all(_better(value, t.value, study.direction) for t in done if t.value is not None)
