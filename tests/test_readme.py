@@ -26,7 +26,7 @@ def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "fathom.db").exists()
 
 
-@pytest.mark.parametrize("command", ["python -m studies.fathom", "python -m pytest"])
+@pytest.mark.parametrize("command", ["python -m studies.compare --quick", "python -m pytest"])
 def test_readme_quick_start_has_the_two_commands(command):
     quick = README.read_text().split("## Quick start", 1)[1].split("##", 1)[0]
     lines = [ln for ln in quick.splitlines() if ln.startswith("python3 -m venv")]

@@ -1,0 +1,339 @@
+"""FATHOM against the baselines on one task, several seeds, one storage, one report.
+
+Usage:
+    python -m studies.compare --quick
+    python -m studies.compare [--task digits] [--tuners fathom random tpe tpe+hyperband]
+                              [--seeds 0 1 2] [--budget-multiple 10 | --budget-rounds N]
+                              [--rounds N] [--storage URL] [--out reports]
+
+FATHOM ("Federated Hypergradient Descent", A. K. Kan, arXiv 2211.02106) gets
+one training run of ``--rounds`` rounds (default: the task's ``num_rounds``)
+per seed; every baseline gets the same tuning budget per seed, in
+communication rounds summed over all its trials (default: ``--budget-multiple``
+x one run). Every study lands in one Optuna storage, named
+``<task>/<tuner>/seed<k>`` (default storage: ``sqlite:///<out>/compare.db``),
+and the report ``<out>/<task>/report.md`` (+ ``report.html``, CSV and
+markdown tables, PNG figures) is built from that storage alone
+(:func:`studies.report.build_report`). See every study with
+``optuna-dashboard <storage URL>``.
+
+Resuming: re-running the same command continues where it stopped. A
+baseline study continues its tuning budget (finished trials are not run
+again; a study whose budget is spent runs nothing). A FATHOM study that
+holds its whole run is skipped; one that holds part of a run (an
+interrupted process) is deleted and run again from round 0, because a
+FATHOM run cannot continue without its model, which the storage does not hold.
+
+``--quick``: digits, tuners ``fathom random tpe tpe+hyperband``, seeds 0 and 1,
+training runs of 50 rounds, baseline budget 6 runs (300 rounds): a few
+minutes on two CPU cores, compilation included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import optuna
+
+import baselines
+import fathom_tune
+from fathom_tune._storage import mask_url
+from studies.report import FATHOM, LEDGER_ATTR, build_report
+
+QUICK = {
+    "task": "digits",
+    "tuners": ["fathom", "random", "tpe", "tpe+hyperband"],
+    "seeds": [0, 1],
+    "rounds": 50,
+    "budget_multiple": 6.0,
+}
+DEFAULT_TUNERS = ["fathom", "random", "tpe", "tpe+hyperband"]
+DEFAULT_SEEDS = [0, 1, 2]
+DEFAULT_MULTIPLE = 10.0
+
+
+def valid_tuners() -> list[str]:
+    """``fathom`` and every registered baseline."""
+    return [FATHOM, *sorted(baselines.REGISTRY)]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m studies.compare",
+        description="FATHOM vs the baselines: Optuna studies, pandas tables, seaborn report.",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the quick configuration (digits, 2 seeds, 50-round runs, 6-run budget); "
+        "explicit options override it",
+    )
+    p.add_argument(
+        "--task",
+        default=None,
+        help=f"task (default digits; valid: {sorted(fathom_tune.tasks.REGISTRY)})",
+    )
+    p.add_argument(
+        "--tuners",
+        nargs="+",
+        default=None,
+        help=f"tuners (default: {' '.join(DEFAULT_TUNERS)}; valid: {', '.join(valid_tuners())})",
+    )
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help=f"seeds (default: {' '.join(map(str, DEFAULT_SEEDS))})",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="rounds of one training run: FATHOM's run and each baseline trial "
+        "(default: the task's num_rounds)",
+    )
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
+        "--budget-multiple",
+        type=float,
+        default=None,
+        help=f"baseline tuning budget in training runs (default {DEFAULT_MULTIPLE:g})",
+    )
+    budget.add_argument(
+        "--budget-rounds",
+        type=int,
+        default=None,
+        help="baseline tuning budget in communication rounds, summed over all trials",
+    )
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL or journal file (default: sqlite:///<out>/compare.db)",
+    )
+    p.add_argument(
+        "--out",
+        default="reports",
+        help="output directory (default: reports); the report goes to <out>/<task>/",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _writable_dir(path: pathlib.Path) -> str | None:
+    """Why ``path`` cannot become a writable directory, or None."""
+    path = path.absolute()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{str(probe)!r} is a file, not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        return f"directory {str(probe)!r} is not writable ({exc.strerror or exc})"
+    return None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parses and validates every option; exits with status 2 (nothing written) on bad input."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    quick = QUICK if args.quick else {}
+    args.task = args.task or quick.get("task", "digits")
+    args.tuners = args.tuners or quick.get("tuners", DEFAULT_TUNERS)
+    args.seeds = args.seeds if args.seeds is not None else quick.get("seeds", DEFAULT_SEEDS)
+    if args.rounds is None:
+        args.rounds = quick.get("rounds")
+    if args.budget_multiple is None and args.budget_rounds is None:
+        args.budget_multiple = quick.get("budget_multiple", DEFAULT_MULTIPLE)
+
+    if args.task not in fathom_tune.tasks.REGISTRY:
+        parser.error(
+            f"unknown task {args.task!r}; valid tasks: {', '.join(sorted(fathom_tune.tasks.REGISTRY))}"
+        )
+    unknown = [t for t in args.tuners if t not in valid_tuners()]
+    if unknown:
+        parser.error(
+            f"unknown tuner(s) {', '.join(map(repr, unknown))}; valid tuners: {', '.join(valid_tuners())}"
+        )
+    if len(set(args.tuners)) != len(args.tuners):
+        parser.error(f"--tuners lists a tuner twice: {args.tuners}")
+    for t in args.tuners:
+        if t != FATHOM and isinstance(baselines.get(t).sampler, baselines.GP):
+            try:
+                baselines.GP.check_available()
+            except ImportError as exc:
+                parser.error(f"tuner {t!r}: {exc}")
+    if any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct ints >= 0, got {args.seeds}")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.budget_multiple is not None and not (
+        math.isfinite(args.budget_multiple) and args.budget_multiple > 0
+    ):
+        parser.error(f"--budget-multiple must be a positive number, got {args.budget_multiple}")
+
+    task = fathom_tune.tasks.get(args.task)
+    if args.rounds is not None:
+        task = task.replace(num_rounds=args.rounds, eval_every=min(task.eval_every, args.rounds))
+    args.task_obj = task
+    if args.budget_rounds is None:
+        args.budget_rounds = round(args.budget_multiple * task.num_rounds)
+    if any(t != FATHOM for t in args.tuners) and args.budget_rounds < task.num_rounds:
+        parser.error(
+            f"baseline budget of {args.budget_rounds} rounds is smaller than one baseline trial "
+            f"({task.num_rounds} rounds of task {args.task!r}); use --budget-rounds >= {task.num_rounds} "
+            "or --budget-multiple >= 1"
+        )
+
+    out = pathlib.Path(args.out)
+    report_dir = out / task.name
+    for path in (out, report_dir):
+        if path.exists() and not path.is_dir():
+            parser.error(f"output path {str(path)!r} is a file, not a directory")
+    why = _writable_dir(report_dir)
+    if why:
+        parser.error(f"cannot write the report under --out {str(out)!r}: {why}")
+    args.report_dir = report_dir
+    if args.storage is None:
+        args.storage = f"sqlite:///{out / 'compare.db'}"
+    elif args.storage.startswith("sqlite:///"):
+        db = pathlib.Path(args.storage[len("sqlite:///") :])
+        if db.exists() and not db.is_file():
+            parser.error(f"--storage {mask_url(args.storage)!r}: {str(db)!r} is not a file")
+        why = _writable_dir(db.parent)
+        if why:
+            parser.error(f"--storage {mask_url(args.storage)!r}: {why}")
+    elif "://" not in args.storage:
+        path = pathlib.Path(args.storage)
+        if path.is_dir():
+            parser.error(f"--storage {args.storage!r} is a directory; give a journal file or a URL")
+        if not path.parent.is_dir():
+            parser.error(
+                f"--storage {args.storage!r}: directory {str(path.parent)!r} does not exist"
+            )
+    return args
+
+
+def _check_existing(storage, args) -> str | None:
+    """Why the storage's existing studies conflict with this comparison, or None."""
+    task = args.task_obj
+    names = {
+        s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+    }
+    for tuner in args.tuners:
+        for seed in args.seeds:
+            name = fathom_tune.make_study_name(task.name, tuner, seed)
+            if name not in names or not names[name].n_trials:
+                continue
+            attrs = names[name].user_attrs
+            key, want = (
+                ("budget_rounds", task.num_rounds)
+                if tuner == FATHOM
+                else ("trial_rounds", task.num_rounds)
+            )
+            have = attrs.get(key)
+            if have is not None and have != want:
+                return (
+                    f"study {name!r} in this storage holds runs of {have} rounds, this comparison "
+                    f"asks for {want}; use another --storage (or --out) or the same --rounds"
+                )
+    return None
+
+
+def _run_fathom(storage, task, seed: int, progress: bool) -> str:
+    name = fathom_tune.make_study_name(task.name, FATHOM, seed)
+    existing = {
+        s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+    }
+    if name in existing and existing[name].n_trials:
+        s = existing[name]
+        done = s.n_trials >= task.num_rounds and f"test_{task.target.metric}" in s.user_attrs
+        if done:
+            return f"{name}: complete ({s.n_trials} rounds), skipped"
+        optuna.delete_study(study_name=name, storage=storage)
+        note = f"{name}: held {s.n_trials} of {task.num_rounds} rounds (interrupted), deleted and run again; "
+    elif name in existing:
+        optuna.delete_study(study_name=name, storage=storage)
+        note = ""
+    else:
+        note = ""
+    result = fathom_tune.optimize(
+        task, seed=seed, storage=storage, study_name=name, progress=progress
+    )
+    result.study.set_user_attr(LEDGER_ATTR, result.cost.as_dict())
+    return f"{note}{name}: ran {result.cost.rounds} rounds"
+
+
+def _run_baseline(storage, task, tuner: str, seed: int, budget: int, progress: bool) -> str:
+    name = fathom_tune.make_study_name(task.name, tuner, seed)
+    before = sum(
+        s.n_trials
+        for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+        if s.study_name == name
+    )
+    out = baselines.run(
+        task, tuner, budget_rounds=budget, seed=seed, storage=storage, progress=progress
+    )
+    added = len(out.study.trials) - before
+    return f"{name}: {added} new trials, {len(out.study.trials)} in all, {out.cost.rounds} of {budget} rounds"
+
+
+def main(argv=None) -> int:
+    """Runs the comparison and writes the report; returns the exit status."""
+    args = parse_args(argv)
+    progress = not args.no_progress
+    out_root = pathlib.Path(args.out)
+    out_created = not out_root.exists()
+    out_root.mkdir(parents=True, exist_ok=True)
+    if args.storage.startswith("sqlite:///"):  # validated writable in parse_args
+        pathlib.Path(args.storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        storage = fathom_tune.open_storage(args.storage, argument="--storage")
+        conflict = _check_existing(storage, args)
+    except (TypeError, ValueError) as exc:
+        conflict = str(exc)
+    if conflict:
+        if out_created and not any(out_root.iterdir()):
+            out_root.rmdir()
+        print(f"python -m studies.compare: error: {conflict}", file=sys.stderr)
+        return 2
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    task = args.task_obj
+    start = time.perf_counter()
+    print(
+        f"comparing {', '.join(args.tuners)} on {task.name}, seeds {args.seeds}: FATHOM one run of "
+        f"{task.num_rounds} rounds, baselines {args.budget_rounds} rounds each; storage "
+        f"{mask_url(args.storage)}",
+        flush=True,
+    )
+    for seed in args.seeds:
+        for tuner in args.tuners:
+            if tuner == FATHOM:
+                line = _run_fathom(storage, task, seed, progress)
+            else:
+                line = _run_baseline(storage, task, tuner, seed, args.budget_rounds, progress)
+            print(line, flush=True)
+    report = build_report(
+        args.storage, task.name, args.report_dir, tuners=args.tuners, seeds=args.seeds
+    )
+    print(
+        f"report: {report} ({time.perf_counter() - start:.0f} s); "
+        f"dashboard: optuna-dashboard {mask_url(args.storage)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.exit(main())

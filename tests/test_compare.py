@@ -1,0 +1,267 @@
+"""``python -m studies.compare`` and ``studies.report``: bad input, a tiny comparison, resume."""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+
+import optuna
+import pandas as pd
+import pytest
+
+from studies import compare
+from studies.report import markdown_table
+
+TUNERS = ["fathom", "random", "tpe+hyperband"]
+TINY = ["--rounds", "10", "--budget-rounds", "30", "--seeds", "0", "--no-progress"]
+
+
+def _listing(root: pathlib.Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _unwritable(tmp_path: pathlib.Path) -> pathlib.Path:
+    if os.geteuid() == 0:  # root ignores permission bits; /proc accepts no new files
+        return pathlib.Path("/proc/fathom_tune_compare_test/out")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    return locked / "out"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--task", "nope"], "valid tasks: digits"),
+        (["--tuners", "fathom", "bogus"], "valid tuners: fathom, gp, grid, random"),
+        (["--rounds", "10", "--budget-rounds", "9"], "smaller than one baseline trial"),
+        (["--budget-multiple", "0.5"], "smaller than one baseline trial"),
+        (["--seeds", "-1"], "--seeds must be distinct ints >= 0"),
+        (["--rounds", "0"], "--rounds must be >= 1"),
+        (["--out", "{file}"], "is a file, not a directory"),
+        (["--out", "{file}/sub"], "is a file, not a directory"),
+        (["--out", "{unwritable}"], "not writable"),
+        (["--storage", "sqlite:///{file}/x.db"], "is a file, not a directory"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    unwritable = _unwritable(tmp_path)
+    argv = [a.format(file=file, unwritable=unwritable) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    before = _listing(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        compare.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert _listing(tmp_path) == before
+
+
+def _rounds_to_target(study: optuna.Study) -> tuple[float, float]:
+    """Independently of studies.report: the whole tuning process's cost until the target."""
+    attrs = study.user_attrs
+    metric, value = f"val_{attrs['target_metric']}", attrs["target_value"]
+    rounds = examples = 0
+    for t in sorted(study.trials, key=lambda t: t.number):
+        if attrs["tuner"] == "fathom":
+            rounds += 1
+            examples += t.user_attrs["examples"]
+            if t.user_attrs.get(metric, -1.0) >= value:
+                return rounds, examples
+            continue
+        for e in t.user_attrs.get("evals", []):
+            if e[metric] >= value:
+                return rounds + e["rounds"], examples + e["examples"]
+        rounds += t.user_attrs.get("rounds", 0)
+        examples += t.user_attrs.get("examples", 0)
+    return math.nan, math.nan
+
+
+@pytest.fixture(scope="module")
+def comparison(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp")
+    argv = [*TINY, "--tuners", *TUNERS, "--out", str(out)]
+    assert compare.main(argv) == 0
+    return out, argv
+
+
+def _same(a, b) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b)
+
+
+def test_comparison_writes_report_from_storage(comparison):
+    out, _ = comparison
+    report_dir = out / "digits"
+    report = (report_dir / "report.md").read_text()
+    for name in (
+        "best_vs_rounds.png",
+        "best_vs_examples.png",
+        "fathom_hparams.png",
+        "rounds_to_target.png",
+    ):
+        assert f"]({name})" in report
+        assert (report_dir / name).stat().st_size > 10_000
+    assert (report_dir / "report.html").read_text().count("<img") == 4
+    storage = optuna.storages.get_storage(f"sqlite:///{out / 'compare.db'}")
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+    assert names == ["digits/fathom/seed0", "digits/random/seed0", "digits/tpe+hyperband/seed0"]
+
+    seeds = pd.read_csv(report_dir / "per_seed.csv")
+    summary = pd.read_csv(report_dir / "summary.csv").set_index("tuner")
+    shown = (report_dir / "summary.md").read_text()
+    for tuner in TUNERS:
+        study = optuna.load_study(study_name=f"digits/{tuner}/seed0", storage=storage)
+        row = seeds[seeds["tuner"] == tuner].iloc[0]
+        rounds, examples = _rounds_to_target(study)
+        assert _same(row["rounds_to_target"], rounds), tuner
+        assert _same(row["examples_to_target"], examples), tuner
+        assert _same(summary.loc[tuner, "rounds_to_target_mean"], rounds)
+        assert bool(row["reached"]) == (not math.isnan(rounds))
+        assert row["test_accuracy"] == pytest.approx(study.user_attrs["test_accuracy"])
+        if tuner == "fathom":
+            spent = len(study.trials)
+            assert spent == 10
+        else:
+            spent = sum(t.user_attrs.get("rounds", 0) for t in study.trials)
+            assert spent <= 30
+            import baselines
+
+            expected = baselines.cost_to_target(study)
+            assert _same(row["rounds_to_target"], math.nan if expected[0] is None else expected[0])
+        assert row["total_rounds"] == spent
+        assert summary.loc[tuner, "total_rounds_mean"] == spent
+        line = next(ln for ln in shown.splitlines() if ln.startswith(f"| {tuner} |"))
+        assert f"| {spent} |" in line
+        assert f"| {tuner} | 0 |" in markdown_table(seeds)
+    assert "## Environment" in report and "JAX backend" in report
+
+
+def test_rerun_resumes_without_new_trials(comparison):
+    out, argv = comparison
+    storage = optuna.storages.get_storage(f"sqlite:///{out / 'compare.db'}")
+
+    def snapshot():
+        return {
+            s.study_name: (s.n_trials, s.datetime_start)
+            for s in optuna.get_all_study_summaries(storage)
+        }
+
+    before = snapshot()
+    assert compare.main(argv) == 0
+    assert snapshot() == before
+
+
+def test_other_run_length_in_same_storage_is_refused(comparison, capsys):
+    out, argv = comparison
+    before = _listing(out)
+    argv = [*argv, "--rounds", "12"]  # the later --rounds wins
+    assert compare.main(argv) == 2
+    assert "holds runs of 10 rounds" in capsys.readouterr().err
+    assert _listing(out) == before
+
+
+def test_partial_fathom_study_is_run_again(tmp_path):
+    url = f"sqlite:///{tmp_path / 'compare.db'}"
+    partial = optuna.create_study(study_name="digits/fathom/seed0", storage=url)
+    for _ in range(3):
+        partial.enqueue_trial({"learning_rate": 0.1})
+        partial.optimize(lambda t: t.suggest_float("learning_rate", 0.01, 1.0), n_trials=1)
+    argv = [
+        "--rounds",
+        "6",
+        "--seeds",
+        "0",
+        "--tuners",
+        "fathom",
+        "--no-progress",
+        "--storage",
+        url,
+        "--out",
+        str(tmp_path),
+    ]
+    assert compare.main(argv) == 0
+    study = optuna.load_study(study_name="digits/fathom/seed0", storage=url)
+    assert len(study.trials) == 6
+    assert "test_accuracy" in study.user_attrs
+    assert set(study.trials[0].params) == {"learning_rate", "local_epochs", "batch_size"}
+    assert (tmp_path / "digits" / "report.md").exists()
+
+
+def _handmade(storage) -> None:
+    """A FATHOM study (one trial per round) and a baseline study (two runs of 4 rounds)."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    attrs = {"target_metric": "accuracy", "target_value": 0.9, "target_mode": "max"}
+    dist = {"learning_rate": FloatDistribution(1e-4, 10.0, log=True)}
+    fathom = optuna.create_study(study_name="toy/fathom/seed0", storage=storage)
+    for k, v in {**attrs, "tuner": "fathom", "budget_rounds": 4, "test_accuracy": 0.8}.items():
+        fathom.set_user_attr(k, v)
+    for r, val in enumerate([None, 0.5, None, 0.95]):
+        user = {"round": r, "examples": 10 * (r + 1), "local_steps": 1}
+        if val is not None:
+            user["val_accuracy"] = val
+        fathom.add_trial(
+            create_trial(
+                params={"learning_rate": 0.1}, distributions=dist, value=1.0, user_attrs=user
+            )
+        )
+    base = optuna.create_study(study_name="toy/random/seed0", storage=storage, direction="maximize")
+    for k, v in {
+        **attrs,
+        "tuner": "random",
+        "budget_rounds": 8,
+        "trial_rounds": 4,
+        "test_accuracy": 0.85,
+    }.items():
+        base.set_user_attr(k, v)
+    runs = [  # (state, evals as (rounds, examples, accuracy), ledger rounds/examples)
+        (TrialState.PRUNED, [(2, 100, 0.3)], (2, 100)),
+        (TrialState.COMPLETE, [(2, 70, 0.6), (4, 150, 0.92)], (4, 150)),
+    ]
+    for state, evals, (rounds, examples) in runs:
+        base.add_trial(
+            create_trial(
+                state=state,
+                params={"learning_rate": 0.1},
+                distributions=dist,
+                value=evals[-1][2] if state == TrialState.COMPLETE else None,
+                intermediate_values={r: a for r, _, a in evals},
+                user_attrs={
+                    "rounds": rounds,
+                    "examples": examples,
+                    "steps": 1,
+                    "bytes_down": 1,
+                    "bytes_up": 1,
+                    "seconds": 0.5,
+                    "evals": [{"rounds": r, "examples": e, "val_accuracy": a} for r, e, a in evals],
+                },
+            )
+        )
+
+
+def test_report_cost_to_target_counts_every_earlier_trial(tmp_path):
+    from studies.report import build_report
+
+    url = f"sqlite:///{tmp_path / 'toy.db'}"
+    _handmade(url)
+    build_report(url, "toy", tmp_path / "out")
+    seeds = pd.read_csv(tmp_path / "out" / "per_seed.csv").set_index("tuner")
+    # FATHOM: round 4 (the 4th trial) is the first evaluation >= 0.9; examples 10+20+30+40.
+    assert seeds.loc["fathom", ["rounds_to_target", "examples_to_target"]].tolist() == [4, 100]
+    # random: the pruned run's 2 rounds / 100 examples, then 4 rounds / 150 examples.
+    assert seeds.loc["random", ["rounds_to_target", "examples_to_target"]].tolist() == [6, 250]
+    assert seeds.loc["random", "test_accuracy"] == 0.85
+    assert seeds.loc["random", "val_accuracy"] == 0.92
+    assert seeds.loc["random", "total_rounds"] == 6
+    for tuner in ("fathom", "random"):
+        study = optuna.load_study(study_name=f"toy/{tuner}/seed0", storage=url)
+        assert (
+            list(_rounds_to_target(study))
+            == seeds.loc[tuner, ["rounds_to_target", "examples_to_target"]].tolist()
+        )
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "| random | 1 | 0/1 | 6 | 250 | 0.85 | 6 |" in summary
