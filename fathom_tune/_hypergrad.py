@@ -140,26 +140,27 @@ def client_cosine(grad: PyTree, update: PyTree) -> jax.Array:
     return safe_cosine(grad, update)
 
 
-def local_hypergradient(phis, num_examples) -> jax.Array:
+def local_hypergradient(phis, num_examples) -> float:
     """``G = sum_i w_i phi_i`` with ``w_i = n_i / sum_j n_j``, clamped to ``[-1, 1]``.
+
+    A host-side computation over one scalar per client (NumPy, float64).
 
     Args:
         phis: each sampled client's ``phi_i`` (1-D array-like).
         num_examples: each client's example count ``n_i`` (> 0), same length.
 
     Example:
-        >>> round(float(local_hypergradient([1.0, 0.5], [30, 10])), 6)  # 0.75*1 + 0.25*0.5
+        >>> round(local_hypergradient([1.0, 0.5], [30, 10]), 6)  # 0.75*1 + 0.25*0.5
         0.875
     """
-    phis = jnp.asarray(phis)
-    phis = phis.astype(_accumulator_dtype([phis]))
-    weights = jnp.asarray(num_examples).astype(phis.dtype)
+    phis = np.asarray(phis, np.float64)
+    weights = np.asarray(num_examples, np.float64)
     if phis.shape != weights.shape or phis.ndim != 1:
         raise ValueError(
             f"local_hypergradient: phis {phis.shape} and num_examples {weights.shape} "
             "must be 1-D and of the same length"
         )
-    return jnp.clip(jnp.sum(weights * phis) / jnp.sum(weights), -1.0, 1.0)
+    return float(np.clip(np.dot(weights, phis) / np.sum(weights), -1.0, 1.0))
 
 
 def global_hypergradient(momentum: PyTree, update: PyTree) -> jax.Array:
@@ -212,11 +213,12 @@ def aggregate_round(deltas: Sequence[PyTree], phis, num_examples) -> tuple[PyTre
             "need one of each per client, at least one client"
         )
     G = local_hypergradient(phis, num_examples)
-    weights = jnp.asarray(num_examples).astype(G.dtype)
+    dtype = _accumulator_dtype(jax.tree_util.tree_leaves(deltas[0]))
+    weights = jnp.asarray(num_examples).astype(dtype)
     weights = weights / jnp.sum(weights)
     u = jax.tree_util.tree_map(
         lambda *leaves: sum(
-            w * jnp.asarray(x, G.dtype) for w, x in zip(weights, leaves, strict=True)
+            w * jnp.asarray(x, dtype) for w, x in zip(weights, leaves, strict=True)
         ),
         *deltas,
     )

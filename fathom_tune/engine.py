@@ -208,31 +208,38 @@ class _Programs:
             phi = jnp.where(on, jnp.minimum(phi, c), phi)
             return params, phi, loss_sum + jnp.where(on, loss, 0.0)
 
-        def one_client(x0, params, phi, loss_sum, batches, ex_mask, active, key, step0, eta, inv_b):
-            for s in range(steps):  # unrolled: see the module docstring
-                batch = jax.tree_util.tree_map(operator.itemgetter(s), batches)
-                params, phi, loss_sum = one_step(
-                    x0, params, phi, loss_sum, batch, ex_mask, active[s],
-                    jax.random.fold_in(key, step0 + s), eta, inv_b,
+        def block_step(x0, carry, batch, ex_mask, on, keys, eta, inv_b):
+            """One local step of every client of the block; ``on[j]``: client j still runs."""
+            params, phi, loss_sum = carry
+            if self.client_block == 1:
+                # No vmap: a vmapped convolution with per-client kernels becomes a
+                # grouped convolution, several times slower on XLA:CPU.
+                first = functools.partial(jax.tree_util.tree_map, operator.itemgetter(0))
+                out = one_step(
+                    x0, first(params), phi[0], loss_sum[0], first(batch), ex_mask, on[0], keys[0], eta, inv_b
                 )
-            return params, phi, loss_sum
+                return jax.tree_util.tree_map(lambda a: a[None], out)
+            return jax.vmap(one_step, in_axes=(None, 0, 0, 0, 0, None, 0, 0, None, None))(
+                x0, params, phi, loss_sum, batch, ex_mask, on, keys, eta, inv_b
+            )
 
         def local_steps(x0, params, phi, loss_sum, batches, ex_mask, active, seed, rnd, cidx, step0, eta, inv_b):
             self._count("local_steps")
             base = jax.random.fold_in(jax.random.PRNGKey(seed), rnd)
             keys = jax.vmap(lambda c: jax.random.fold_in(base, c))(cidx)
-            if self.client_block == 1:
-                # No vmap: a vmapped convolution with per-client kernels becomes a
-                # grouped convolution, several times slower on XLA:CPU.
-                first = functools.partial(jax.tree_util.tree_map, lambda a: a[0])
-                out = one_client(
-                    x0, first(params), phi[0], loss_sum[0], first(batches), ex_mask,
-                    active[0], keys[0], step0, eta, inv_b,
+            carry = (params, phi, loss_sum)
+            for s in range(steps):  # unrolled: see the module docstring
+                batch = jax.tree_util.tree_map(operator.itemgetter((slice(None), s)), batches)
+                step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step0 + s)
+                # A step that no client of the block runs is skipped, not computed and masked.
+                carry = jax.lax.cond(
+                    jnp.any(active[:, s]),
+                    functools.partial(block_step, x0, batch=batch, ex_mask=ex_mask, on=active[:, s],
+                                      keys=step_keys, eta=eta, inv_b=inv_b),
+                    lambda c: c,
+                    carry,
                 )
-                return jax.tree_util.tree_map(lambda a: a[None], out)
-            return jax.vmap(one_client, in_axes=(None, 0, 0, 0, 0, None, 0, 0, None, None, None))(
-                x0, params, phi, loss_sum, batches, ex_mask, active, keys, step0, eta, inv_b
-            )
+            return carry
 
         def broadcast(x0):
             self._count("broadcast")
@@ -269,6 +276,7 @@ class _Programs:
 
         self.local_steps = jax.jit(local_steps, donate_argnums=(1, 2, 3))
         self.broadcast = jax.jit(broadcast)
+        self.zeros = jax.jit(functools.partial(jax.tree_util.tree_map, jnp.zeros_like))
         self.accumulate = jax.jit(accumulate, donate_argnums=(0,))
         self.server_update = jax.jit(server_update)
         self.evaluate = jax.jit(evaluate)
@@ -413,13 +421,12 @@ class Engine:
         bucket = bucket_size(b_int, self.buckets)
         ex_mask = np.zeros(bucket, np.float32)
         ex_mask[:b_int] = 1.0
-        ex_mask = jnp.asarray(ex_mask)
-        eta = jnp.float32(hparams.learning_rate)
-        inv_b = jnp.float32(1.0 / b_int)
+        eta = np.float32(hparams.learning_rate)
+        inv_b = np.float32(1.0 / b_int)
         weights_all = sizes / sizes.sum()
 
         x0 = state.params
-        u = jax.tree_util.tree_map(jnp.zeros_like, x0)
+        u = self._programs.zeros(x0)
         p_block, s_call = self.client_block, self.steps_per_call
         order = np.argsort(-steps, kind="stable")  # similar K in one block
         phi = np.ones(len(sampled), np.float64)
@@ -434,11 +441,10 @@ class Engine:
                 for m in members
             ]
             params = self._programs.broadcast(x0)
-            phi_b = jnp.ones(p_block, jnp.float32)
-            loss_b = jnp.zeros(p_block, jnp.float32)
+            phi_b = np.ones(p_block, np.float32)
+            loss_b = np.zeros(p_block, np.float32)
             cidx = np.zeros(p_block, np.int32)
             cidx[: len(members)] = sampled[members]
-            cidx = jnp.asarray(cidx)
             active_all = np.zeros((p_block, n_calls * s_call), bool)
             for j, m in enumerate(members):
                 active_all[j, : steps[m]] = True
@@ -446,12 +452,12 @@ class Engine:
                 sl = slice(call * s_call, (call + 1) * s_call)
                 batches = self._gather(members, sampled, plans, sl, p_block)
                 params, phi_b, loss_b = self._programs.local_steps(
-                    x0, params, phi_b, loss_b, batches, ex_mask, jnp.asarray(active_all[:, sl]),
+                    x0, params, phi_b, loss_b, batches, ex_mask, active_all[:, sl],
                     self.seed, rnd, cidx, call * s_call, eta, inv_b,
                 )
             w = np.zeros(p_block, np.float32)
             w[: len(members)] = weights_all[members]
-            u = self._programs.accumulate(u, x0, params, jnp.asarray(w))
+            u = self._programs.accumulate(u, x0, params, w)
             pending.append((members, phi_b, loss_b))
         new_params, opt_state = self._programs.server_update(x0, state.opt_state, u)
         for members, phi_b, loss_b in pending:
@@ -477,7 +483,7 @@ class Engine:
             phi=phi,
             client_loss=loss,
             train_loss=float(np.dot(weights_all, loss)),
-            local_hypergradient=float(local_hypergradient(phi, sizes)),
+            local_hypergradient=local_hypergradient(phi, sizes),
             update=u,
             cost=cost,
         )
