@@ -94,8 +94,7 @@ class _FathomSchedule:
         self.trial: optuna.Trial | None = None
 
     def propose(self, round_index: int) -> HParams:
-        self.trial = self.study.ask()
-        self.trial.set_user_attr("round", round_index)
+        self.trial = self.study.ask()  # trial number == round index
         return self.sampler.suggest(self.trial)
 
     def observe(self, result: RoundResult, metrics, accepted: bool) -> Outcome:

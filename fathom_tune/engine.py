@@ -231,14 +231,9 @@ class _Programs:
             for s in range(steps):  # unrolled: see the module docstring
                 batch = jax.tree_util.tree_map(operator.itemgetter((slice(None), s)), batches)
                 step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step0 + s)
-                # A step that no client of the block runs is skipped, not computed and masked.
-                carry = jax.lax.cond(
-                    jnp.any(active[:, s]),
-                    functools.partial(block_step, x0, batch=batch, ex_mask=ex_mask, on=active[:, s],
-                                      keys=step_keys, eta=eta, inv_b=inv_b),
-                    lambda c: c,
-                    carry,
-                )
+                # Steps past a client's K_i are computed and masked out: a lax.cond
+                # around a convolution step was measured 14x slower on XLA:CPU.
+                carry = block_step(x0, carry, batch, ex_mask, active[:, s], step_keys, eta, inv_b)
             return carry
 
         def broadcast(x0):

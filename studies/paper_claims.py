@@ -23,6 +23,7 @@ import pandas as pd
 
 import fathom_tune
 from fathom_tune import HParams
+from studies.report import markdown_table
 
 
 def starts(task) -> dict[str, HParams]:
@@ -90,8 +91,8 @@ def main(argv=None) -> int:
     raw = pd.DataFrame(rows)
     table = summarize(raw)
     table.to_csv(out / "rounds_to_target.csv", index=False)
-    (out / "rounds_to_target.md").write_text(table.to_markdown(index=False) + "\n")
-    print(table.to_markdown(index=False))
+    (out / "rounds_to_target.md").write_text(markdown_table(table) + "\n")
+    print(markdown_table(table))
     return 0
 
 

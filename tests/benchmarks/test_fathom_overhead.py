@@ -17,13 +17,13 @@ from fathom_tune._optimize import _FathomSchedule
 from fathom_tune.engine import Engine
 from fathom_tune.loop import Static, run
 
-ROUNDS_PER_RUN = 20
+ROUNDS_PER_RUN = {"digits": 20, "shakespeare": 3}
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@pytest.fixture(scope="module")
-def engine():
-    task = fathom_tune.tasks.digits()
+@pytest.fixture(scope="module", params=sorted(ROUNDS_PER_RUN))
+def engine(request):
+    task = fathom_tune.tasks.get(request.param)
     eng = Engine(task, seed=0)
     run(eng, Static(task.init_hparams), num_rounds=2, eval_every=1000)  # compile
     return eng
@@ -45,11 +45,13 @@ def fathom_schedule(engine):
 
 @pytest.mark.parametrize("tuner", ["fedavg", "fathom"])
 def test_round_time_with_and_without_fathom(benchmark, engine, tuner):
+    rounds = ROUNDS_PER_RUN[engine.task.name]
+
     def one_run():
         schedule = Static(engine.task.init_hparams) if tuner == "fedavg" else fathom_schedule(engine)
-        return run(engine, schedule, num_rounds=ROUNDS_PER_RUN, eval_every=1000)
+        return run(engine, schedule, num_rounds=rounds, eval_every=1000)
 
-    benchmark.group = f"{ROUNDS_PER_RUN} rounds on digits"
+    benchmark.group = f"{rounds} rounds on {engine.task.name}"
     benchmark.extra_info["tuner"] = tuner
     out = benchmark.pedantic(one_run, rounds=5, warmup_rounds=1)
-    assert out.cost.rounds == ROUNDS_PER_RUN
+    assert out.cost.rounds == rounds
