@@ -302,7 +302,10 @@ class Engine:
             with convolutions on XLA:CPU, which run one client at a time (a
             vmapped convolution with per-client kernels becomes a grouped
             convolution there, measured several times slower; BENCHMARKS.md).
-        steps_per_call: local steps unrolled into one compiled call.
+        steps_per_call: local steps unrolled into one compiled call; steps
+            past a client's ``K_i`` in its last call are computed and masked.
+            ``None`` (auto): 1 when clients run one at a time (compute-bound
+            models: no step is wasted), else 8 (dispatch-bound small models).
         eval_batch_size: batch size of evaluation (padded and masked).
 
     Example:
@@ -324,7 +327,7 @@ class Engine:
         server_optimizer: optax.GradientTransformation | None = None,
         buckets: Sequence[int] | None = None,
         client_block: int | None = None,
-        steps_per_call: int = 8,
+        steps_per_call: int | None = None,
         eval_batch_size: int = 256,
     ):
         if not isinstance(task, Task):
@@ -348,7 +351,6 @@ class Engine:
         self.server_optimizer = server_optimizer
         self.buckets = tuple(int(b) for b in buckets)
         self.clients_per_round = task.clients_per_round
-        self.steps_per_call = check_positive_int("steps_per_call", steps_per_call)
         self.eval_batch_size = check_positive_int("eval_batch_size", eval_batch_size)
 
         self._client_ids = tuple(task.train.client_ids())
@@ -359,6 +361,9 @@ class Engine:
             client_block = 1 if one_at_a_time else self.clients_per_round
         block = check_positive_int("client_block", client_block)
         self.client_block = min(block, self.clients_per_round)
+        if steps_per_call is None:
+            steps_per_call = 1 if self.client_block == 1 else 8
+        self.steps_per_call = check_positive_int("steps_per_call", steps_per_call)
         self._eval_batches: dict[str, list] = {}
         self._programs = _programs(task.model, server_optimizer, self.client_block, self.steps_per_call)
         params = jax.eval_shape(task.model.init, jax.random.PRNGKey(0))

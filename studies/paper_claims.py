@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m studies.paper_claims", description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["digits", "shakespeare"], choices=sorted(fathom_tune.tasks.REGISTRY))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--starts", nargs="+", default=None, help="a subset of: default, 'low lr (eta/2)', B=4, B=256")
     parser.add_argument("--out", default="reports/paper_claims")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
@@ -82,12 +83,14 @@ def main(argv=None) -> int:
     for name in args.tasks:
         task = fathom_tune.tasks.get(name)
         for label, start in starts(task).items():
+            if args.starts and label not in args.starts:
+                continue
             for seed in args.seeds:
                 for tuner in ("fathom", "fedavg"):
                     r = run_one(task, tuner, start, seed)
                     rows.append({"task": name, "start": label, "tuner": tuner, "seed": seed, **r})
                     print(rows[-1], flush=True)
-                    pd.DataFrame(rows).to_csv(out / "raw.csv", index=False)
+                    pd.DataFrame(rows).to_csv(out / f"raw_{'_'.join(args.tasks)}.csv", index=False)
     raw = pd.DataFrame(rows)
     table = summarize(raw)
     table.to_csv(out / "rounds_to_target.csv", index=False)
