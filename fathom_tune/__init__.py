@@ -11,31 +11,33 @@ _compat.apply()  # before anything imports fedjax
 
 __version__ = "0.1.0"
 
-from fathom_tune import engine  # noqa: E402
-from fathom_tune import loop  # noqa: E402
-from fathom_tune import tasks  # noqa: E402
-from fathom_tune._hparams import Bounds  # noqa: E402
-from fathom_tune._hparams import HParams  # noqa: E402
-from fathom_tune._hypergrad import ClientTracker  # noqa: E402
-from fathom_tune._hypergrad import FathomConfig  # noqa: E402
-from fathom_tune._hypergrad import ServerTracker  # noqa: E402
-from fathom_tune._hypergrad import aggregate_round  # noqa: E402
-from fathom_tune._hypergrad import safe_cosine  # noqa: E402
-from fathom_tune._optimize import OptimizeResult  # noqa: E402
-from fathom_tune._optimize import make_study_name  # noqa: E402
-from fathom_tune._optimize import optimize  # noqa: E402
-from fathom_tune._sampler import DIVERGED_ATTR  # noqa: E402
-from fathom_tune._sampler import G_ATTR  # noqa: E402
-from fathom_tune._sampler import H_ATTR  # noqa: E402
-from fathom_tune._sampler import FathomSampler  # noqa: E402
-from fathom_tune._sampler import report_divergence  # noqa: E402
-from fathom_tune._sampler import report_round  # noqa: E402
-from fathom_tune._storage import open_storage  # noqa: E402
-from fathom_tune.engine import Cost  # noqa: E402
-from fathom_tune.engine import Engine  # noqa: E402
-from fathom_tune.loop import fedavg  # noqa: E402
-from fathom_tune.task import Target  # noqa: E402
-from fathom_tune.task import Task  # noqa: E402
+# isort: off
+from fathom_tune import engine
+from fathom_tune import loop
+from fathom_tune import tasks
+from fathom_tune._hparams import Bounds
+from fathom_tune._hparams import HParams
+from fathom_tune._hypergrad import ClientTracker
+from fathom_tune._hypergrad import FathomConfig
+from fathom_tune._hypergrad import ServerTracker
+from fathom_tune._hypergrad import aggregate_round
+from fathom_tune._hypergrad import safe_cosine
+from fathom_tune._optimize import OptimizeResult
+from fathom_tune._optimize import make_study_name
+from fathom_tune._optimize import optimize
+from fathom_tune._sampler import DIVERGED_ATTR
+from fathom_tune._sampler import G_ATTR
+from fathom_tune._sampler import H_ATTR
+from fathom_tune._sampler import FathomSampler
+from fathom_tune._sampler import report_divergence
+from fathom_tune._sampler import report_round
+from fathom_tune._storage import open_storage
+from fathom_tune.engine import Cost
+from fathom_tune.engine import Engine
+from fathom_tune.loop import fedavg
+from fathom_tune.task import Target
+from fathom_tune.task import Task
+# isort: on
 
 __all__ = [
     "DIVERGED_ATTR",

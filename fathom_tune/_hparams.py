@@ -26,7 +26,7 @@ def batch_int(batch_size: float) -> int:
     >>> batch_int(2.5), batch_int(2.49), batch_int(0.2)
     (3, 2, 1)
     """
-    return max(int(math.floor(batch_size + 0.5)), 1)
+    return max(math.floor(batch_size + 0.5), 1)
 
 
 def local_steps(local_epochs: float, num_examples: int, batch_size: float) -> int:

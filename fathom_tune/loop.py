@@ -125,7 +125,7 @@ def rounds_to_target(history: pd.DataFrame, target: Target, column: str = "round
     if col not in history:
         return None
     for value, spent in zip(history[col], history[column]):
-        if value == value and target.reached(float(value)):
+        if not math.isnan(value) and target.reached(float(value)):
             return int(spent)
     return None
 

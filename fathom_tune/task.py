@@ -132,7 +132,7 @@ class Task:
             raise TypeError(f"Task.bounds must be a Bounds, got {self.bounds!r}")
         self.bounds.check(self.init_hparams, "Task.init_hparams")
 
-    def replace(self, **changes) -> "Task":
+    def replace(self, **changes) -> Task:
         """A copy with some fields changed (validated again).
 
         >>> import fathom_tune

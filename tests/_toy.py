@@ -51,19 +51,19 @@ def toy_task(sizes=(30, 45, 60, 25, 50, 40), clients_per_round=4, seed=0, model=
     train = {f"t{i}".encode(): client_arrays(rng, n, w) for i, n in enumerate(sizes)}
     val = {b"v0": client_arrays(rng, 70, w), b"v1": client_arrays(rng, 33, w)}
     test = {b"e0": client_arrays(rng, 50, w)}
-    fields = dict(
-        name="toy",
-        train=fedjax.InMemoryFederatedData(train),
-        validation=fedjax.InMemoryFederatedData(val),
-        test=fedjax.InMemoryFederatedData(test),
-        model=model or mlp_model(),
-        clients_per_round=clients_per_round,
-        num_rounds=10,
-        eval_every=2,
-        target=Target("accuracy", 0.8),
-        init_hparams=HParams(0.1, 1.0, 10.0),
-        bounds=Bounds(HParams(1e-4, 0.01, 1.0), HParams(10.0, 10.0, 256.0)),
-    )
+    fields = {
+        "name": "toy",
+        "train": fedjax.InMemoryFederatedData(train),
+        "validation": fedjax.InMemoryFederatedData(val),
+        "test": fedjax.InMemoryFederatedData(test),
+        "model": model or mlp_model(),
+        "clients_per_round": clients_per_round,
+        "num_rounds": 10,
+        "eval_every": 2,
+        "target": Target("accuracy", 0.8),
+        "init_hparams": HParams(0.1, 1.0, 10.0),
+        "bounds": Bounds(HParams(1e-4, 0.01, 1.0), HParams(10.0, 10.0, 256.0)),
+    }
     fields.update(kw)
     return Task(**fields)
 

@@ -6,11 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _toy import mlp_model, toy_task
 
 from fathom_tune import HParams
-from fathom_tune.engine import Cost, Engine, ServerState, bucket_size, default_buckets, sample_clients
-
-from _toy import mlp_model, toy_task
+from fathom_tune.engine import (
+    Cost,
+    Engine,
+    ServerState,
+    bucket_size,
+    default_buckets,
+    sample_clients,
+)
 
 
 def flat(tree):
@@ -198,14 +204,14 @@ def test_divergent_round_is_reported_not_finite():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(seed=-1), ValueError, "seed"),
-        (dict(seed=1.5), ValueError, "seed"),
-        (dict(server_optimizer="sgd"), TypeError, "server_optimizer"),
-        (dict(buckets=(4, 2)), ValueError, "buckets"),
-        (dict(buckets=()), ValueError, "buckets"),
-        (dict(client_block=0), ValueError, "client_block"),
-        (dict(steps_per_call=0), ValueError, "steps_per_call"),
-        (dict(eval_batch_size=True), TypeError, "eval_batch_size"),
+        ({"seed": -1}, ValueError, "seed"),
+        ({"seed": 1.5}, ValueError, "seed"),
+        ({"server_optimizer": "sgd"}, TypeError, "server_optimizer"),
+        ({"buckets": (4, 2)}, ValueError, "buckets"),
+        ({"buckets": ()}, ValueError, "buckets"),
+        ({"client_block": 0}, ValueError, "client_block"),
+        ({"steps_per_call": 0}, ValueError, "steps_per_call"),
+        ({"eval_batch_size": True}, TypeError, "eval_batch_size"),
     ],
 )
 def test_engine_rejects_bad_arguments(kwargs, error, match):
@@ -241,7 +247,7 @@ def test_run_round_and_evaluate_reject_bad_arguments():
     ],
 )
 def test_hparams_reject_non_positive_or_non_finite(field, value, error, match):
-    good = dict(learning_rate=0.1, local_epochs=1.0, batch_size=20.0)
+    good = {"learning_rate": 0.1, "local_epochs": 1.0, "batch_size": 20.0}
     good[field] = value
     with pytest.raises(error, match=match):
         HParams(**good)

@@ -4,13 +4,12 @@ import jax
 import numpy as np
 import optuna
 import pytest
+from _toy import toy_task
 
 import fathom_tune
 from fathom_tune import Bounds, FathomConfig, HParams
 from fathom_tune.engine import Engine
 from fathom_tune.loop import Static, run
-
-from _toy import toy_task
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -112,13 +111,13 @@ def test_learning_rate_sweep_on_digits_ends_finite(digits, lr):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(config="fast"), TypeError, "config"),
-        (dict(config=FathomConfig(init=HParams(100.0, 1.0, 10.0))), ValueError, "config.init.learning_rate"),
-        (dict(config=FathomConfig(alpha=0.2, gamma_batch_size=0.0)), None, None),
-        (dict(storage="nosuchscheme://x"), ValueError, "storage"),
-        (dict(storage=42), TypeError, "storage"),
-        (dict(study_name=""), ValueError, "study_name"),
-        (dict(num_rounds=0), ValueError, "num_rounds"),
+        ({"config": "fast"}, TypeError, "config"),
+        ({"config": FathomConfig(init=HParams(100.0, 1.0, 10.0))}, ValueError, "config.init.learning_rate"),
+        ({"config": FathomConfig(alpha=0.2, gamma_batch_size=0.0)}, None, None),
+        ({"storage": "nosuchscheme://x"}, ValueError, "storage"),
+        ({"storage": 42}, TypeError, "storage"),
+        ({"study_name": ""}, ValueError, "study_name"),
+        ({"num_rounds": 0}, ValueError, "num_rounds"),
     ],
 )
 def test_optimize_rejects_bad_arguments(kwargs, error, match):
