@@ -12,6 +12,11 @@ NUM_CLASSES = 5
 FEATURES = 16
 
 
+def flat(tree):
+    """A pytree's leaves as one float64 vector."""
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(tree)])
+
+
 def client_arrays(rng, n, w):
     x = rng.normal(size=(n, FEATURES)).astype(np.float32)
     y = np.argmax(x @ w + 0.5 * rng.normal(size=(n, NUM_CLASSES)), 1).astype(np.int32)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _toy import mlp_model, toy_task
+from _toy import flat, mlp_model, toy_task
 
 from fathom_tune import HParams
 from fathom_tune.engine import (
@@ -17,10 +17,6 @@ from fathom_tune.engine import (
     default_buckets,
     sample_clients,
 )
-
-
-def flat(tree):
-    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(tree)])
 
 
 def cos(a, b):

@@ -1,10 +1,9 @@
 import math
 
-import jax
 import numpy as np
 import optuna
 import pytest
-from _toy import toy_task
+from _toy import flat, toy_task
 
 import fathom_tune
 from fathom_tune import Bounds, FathomConfig, HParams
@@ -13,9 +12,6 @@ from fathom_tune.loop import Static, run
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-
-def flat(tree):
-    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(tree)])
 
 
 def test_zero_hyper_learning_rates_equal_static_fedavg():
