@@ -37,13 +37,13 @@ def starts(task) -> dict[str, HParams]:
     }
 
 
-def run_one(task, tuner: str, start: HParams, seed: int) -> dict:
+def run_one(task, tuner: str, start: HParams, seed: int, **engine_kwargs) -> dict:
     if tuner == "fathom":
         out = fathom_tune.optimize(
-            task, config=fathom_tune.FathomConfig(init=start), seed=seed, progress=False
+            task, config=fathom_tune.FathomConfig(init=start), seed=seed, progress=False, **engine_kwargs
         )
     else:
-        out = fathom_tune.fedavg(task, start, seed=seed)
+        out = fathom_tune.fedavg(task, start, seed=seed, **engine_kwargs)
     metric = f"val_{task.target.metric}"
     return {
         "rounds_to_target": out.rounds_to_target(),
@@ -72,6 +72,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", nargs="+", default=["digits", "shakespeare"], choices=sorted(fathom_tune.tasks.REGISTRY))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--starts", nargs="+", default=None, help="a subset of: default, 'low lr (eta/2)', B=4, B=256")
+    parser.add_argument("--client-block", type=int, default=None,
+                        help="Engine client_block (default: auto); 1 with --steps-per-call 1 "
+                        "compiles the small Shakespeare LSTM 3.6x faster on 2 CPU cores")
+    parser.add_argument("--steps-per-call", type=int, default=None, help="Engine steps_per_call (default: auto)")
     parser.add_argument("--out", default="reports/paper_claims")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out)
@@ -87,7 +91,8 @@ def main(argv=None) -> int:
                 continue
             for seed in args.seeds:
                 for tuner in ("fathom", "fedavg"):
-                    r = run_one(task, tuner, start, seed)
+                    r = run_one(task, tuner, start, seed, client_block=args.client_block,
+                                steps_per_call=args.steps_per_call)
                     rows.append({"task": name, "start": label, "tuner": tuner, "seed": seed, **r})
                     print(rows[-1], flush=True)
                     pd.DataFrame(rows).to_csv(out / f"raw_{'_'.join(args.tasks)}.csv", index=False)
