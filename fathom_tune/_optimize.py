@@ -17,6 +17,7 @@ import jax
 import optuna
 import pandas as pd
 
+from fathom_tune import __version__  # set in the package __init__ before this import
 from fathom_tune._hparams import HParams
 from fathom_tune._hypergrad import FathomConfig, ServerTracker
 from fathom_tune._sampler import FathomSampler, report_divergence, report_round
@@ -190,7 +191,7 @@ def optimize(
         "tuner": TUNER,
         "seed": seed,
         "budget_rounds": num_rounds,
-        "version": _version(),
+        "version": __version__,
         "target_metric": task.target.metric,
         "target_value": task.target.value,
         "target_mode": task.target.mode,
@@ -224,9 +225,3 @@ def optimize(
         test_metrics=test_metrics,
         target=task.target,
     )
-
-
-def _version() -> str:
-    import fathom_tune
-
-    return fathom_tune.__version__
