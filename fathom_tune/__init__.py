@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 from fathom_tune import engine
 from fathom_tune import loop
 from fathom_tune import tasks
+from fathom_tune._checkpoint import CheckpointError
 from fathom_tune._hparams import Bounds
 from fathom_tune._hparams import HParams
 from fathom_tune._hypergrad import ClientTracker
@@ -44,6 +45,7 @@ __all__ = [
     "G_ATTR",
     "H_ATTR",
     "Bounds",
+    "CheckpointError",
     "ClientTracker",
     "Cost",
     "Engine",

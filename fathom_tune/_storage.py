@@ -7,7 +7,7 @@ import pathlib
 import re
 
 import optuna
-from optuna.storages import BaseStorage, JournalStorage
+from optuna.storages import BaseStorage, JournalStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 
 __all__ = ["mask_url", "open_storage"]
@@ -24,7 +24,9 @@ def mask_url(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@/]+@", r"\1***@", url)
 
 
-def open_storage(storage, *, argument: str = "storage") -> BaseStorage | None:
+def open_storage(
+    storage, *, argument: str = "storage", heartbeat: tuple[int, int] | None = None
+) -> BaseStorage | None:
     """An Optuna storage from ``storage``.
 
     Args:
@@ -33,6 +35,12 @@ def open_storage(storage, *, argument: str = "storage") -> BaseStorage | None:
             of a journal file (``*.log``/``*.jsonl``; created if absent, its
             directory must exist).
         argument: the argument's name, for error messages.
+        heartbeat: ``(interval, grace_period)`` in seconds for an RDB URL:
+            every running trial records a heartbeat each ``interval``; one
+            silent for ``grace_period`` (its worker was killed) is failed and
+            retried once, with its intermediate values, by the next worker
+            that starts a trial (Optuna's ``RetryHeartbeatStaleTrialCallback``).
+            SQLite URLs also get a 60 s lock timeout for concurrent workers.
 
     Raises:
         ValueError: naming the argument and the (password-masked) value when
@@ -54,7 +62,18 @@ def open_storage(storage, *, argument: str = "storage") -> BaseStorage | None:
         )
     if _URL.match(storage):
         try:
-            return optuna.storages.get_storage(storage)
+            if heartbeat is None:
+                return optuna.storages.get_storage(storage)
+            interval, grace = heartbeat
+            return optuna.storages.RDBStorage(
+                storage,
+                engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None,
+                heartbeat_interval=interval,
+                grace_period=grace,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                    max_retry=1, inherit_intermediate_values=True
+                ),
+            )
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy, driver and URL errors alike
             raise ValueError(
                 f"{argument}={mask_url(storage)!r} cannot be opened as an Optuna RDB storage: "

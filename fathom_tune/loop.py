@@ -23,6 +23,7 @@ from fathom_tune.task import Target, check_positive_int
 
 __all__ = [
     "Outcome",
+    "Progress",
     "RunResult",
     "Schedule",
     "Static",
@@ -87,6 +88,24 @@ class Static:
 
 
 @dataclasses.dataclass(frozen=True)
+class Progress:
+    """A run after some rounds: all :func:`run` needs to continue it.
+
+    Attributes:
+        state: the server state (the last accepted model; its ``round`` is
+            also the position in the run's random streams).
+        rows: the history rows so far (see :func:`run`).
+        cost: the ledger so far.
+        final_metrics: the latest validation metrics.
+    """
+
+    state: ServerState
+    rows: tuple[dict, ...] = ()
+    cost: Cost = dataclasses.field(default_factory=Cost)
+    final_metrics: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunResult:
     """One training run.
 
@@ -138,6 +157,8 @@ def run(
     eval_every: int | None = None,
     state: ServerState | None = None,
     progress: bool | str = False,
+    resume: Progress | None = None,
+    on_round: Callable[[Progress], None] | None = None,
 ) -> RunResult:
     """Runs FedAvg rounds with the hyperparameters ``schedule`` picks.
 
@@ -157,8 +178,12 @@ def run(
         schedule: e.g. :class:`Static` or FATHOM's schedule.
         num_rounds: default: the task's ``num_rounds``.
         eval_every: default: the task's ``eval_every``.
-        state: resume from this state (default: a fresh model).
+        state: start from this state (default: a fresh model).
         progress: show a progress bar; a string is used as its label.
+        resume: continue a run that stopped after ``len(resume.rows)`` of its
+            ``num_rounds`` rounds (e.g. from a checkpoint); overrides ``state``.
+        on_round: called with the run's :class:`Progress` after every round
+            (e.g. to write a checkpoint).
 
     Example:
         >>> import fathom_tune
@@ -171,18 +196,23 @@ def run(
     task = engine.task
     num_rounds = check_positive_int("num_rounds", task.num_rounds if num_rounds is None else num_rounds)
     eval_every = check_positive_int("eval_every", task.eval_every if eval_every is None else eval_every)
-    state = engine.init() if state is None else state
-    cost = Cost()
-    rows = []
-    final_metrics: dict[str, float] = {}
+    if resume is not None:
+        state, cost = resume.state, resume.cost
+        rows, final_metrics = [dict(r) for r in resume.rows], dict(resume.final_metrics)
+    else:
+        state = engine.init() if state is None else state
+        cost, rows, final_metrics = Cost(), [], {}
+    if len(rows) > num_rounds:
+        raise ValueError(f"resume holds {len(rows)} rounds, more than num_rounds={num_rounds}")
     bar = tqdm(
         total=num_rounds,
+        initial=len(rows),
         desc=progress if isinstance(progress, str) else task.name,
         disable=not progress,
         leave=False,
     )
     with bar:
-        for i in range(num_rounds):
+        for i in range(len(rows), num_rounds):
             hparams = schedule.propose(state.round)
             new_state, result = engine.run_round(state, hparams)
             accepted = result.finite
@@ -201,6 +231,8 @@ def run(
                 final_metrics = metrics
                 bar.set_postfix({task.target.metric: f"{metrics.get(task.target.metric, math.nan):.4f}"})
             bar.update(1)
+            if on_round is not None:
+                on_round(Progress(state, tuple(rows), cost, final_metrics))
             if outcome.stop:
                 break
     if f"val_{task.target.metric}" not in rows[-1]:  # stopped early or diverged last
