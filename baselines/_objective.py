@@ -27,28 +27,33 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pathlib
 from collections.abc import Callable
 from typing import final
 
 import numpy as np
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
+from fathom_tune._checkpoint import CheckpointError, jsonable, load_checkpoint, save_checkpoint
 from fathom_tune._hparams import NAMES, Bounds, HParams
-from fathom_tune.engine import Cost, Engine, sample_clients
-from fathom_tune.loop import Static
+from fathom_tune.engine import Cost, Engine, ServerState, sample_clients
+from fathom_tune.loop import Progress, Static
 from fathom_tune.loop import run as run_loop
 from fathom_tune.task import Task, check_positive_int
 
 __all__ = [
+    "CHECKPOINT_KIND",
     "DIVERGED_ATTR",
     "EVALS_ATTR",
     "LEDGER_ATTRS",
     "Objective",
     "cheapest_examples",
     "check_space",
+    "checkpoint_path",
     "costliest_examples",
     "ledger",
+    "origin",
     "projected_cost",
     "suggest",
 ]
@@ -61,6 +66,26 @@ EVALS_ATTR = "evals"
 
 DIVERGED_ATTR = "diverged"
 """Trial user attr: ``True`` when the run stopped at a non-finite round."""
+
+
+CHECKPOINT_KIND = "baseline-trial"
+"""The ``kind`` of a baseline trial's checkpoint file."""
+
+
+def origin(trial: FrozenTrial) -> int:
+    """The number of the trial whose run ``trial`` continues: itself, or the first it retries.
+
+    A trial that Optuna's heartbeat found stale is failed and retried as a new
+    trial with the same hyperparameters; the retry continues the original's
+    checkpoint.
+    """
+    history = trial.system_attrs.get("retry_history") or []
+    return int(history[0]) if history else trial.number
+
+
+def checkpoint_path(directory: pathlib.Path, trial: FrozenTrial) -> pathlib.Path:
+    """Where the run of ``trial`` keeps its checkpoint: ``<directory>/trial<origin>.npz``."""
+    return pathlib.Path(directory) / f"trial{origin(trial)}.npz"
 
 
 def check_space(space: Bounds | None, task: Task) -> Bounds:
@@ -208,6 +233,12 @@ class Objective:
         on_start: called as ``on_start(trial, hparams)`` after the
             hyperparameters are suggested and before training; raising there
             ends the trial before it costs anything (the runner's budget check).
+        checkpoint_dir: an existing directory for crash-safe runs: every
+            evaluation round writes the run's state to
+            :func:`checkpoint_path` (model, server optimizer state, round,
+            ledger, history); a retry of a killed trial continues from it,
+            and a completed trial's file keeps its final model while the
+            trial is the best (files of beaten and pruned trials are removed).
 
     Attributes:
         models: ``{trial number: final params}`` of the completed trials this
@@ -231,12 +262,21 @@ class Objective:
         seed: int = 0,
         space: Bounds | None = None,
         on_start: Callable[[optuna.Trial, HParams], None] | None = None,
+        checkpoint_dir=None,
     ) -> None:
         if not isinstance(task, Task):
             raise TypeError(f"task must be a fathom_tune.Task, got {type(task).__name__}")
         self.task = task
         self.space = check_space(space, task)
+        self.seed = seed
         self.engine = Engine(task, seed=seed)
+        if checkpoint_dir is not None:
+            checkpoint_dir = pathlib.Path(checkpoint_dir)
+            if not checkpoint_dir.is_dir():
+                raise ValueError(
+                    f"checkpoint_dir={str(checkpoint_dir)!r} is not an existing directory"
+                )
+        self.checkpoint_dir = checkpoint_dir
         self.on_start = on_start
         self.models: dict[int, object] = {}
         self._values: dict[int, float] = {}
@@ -246,18 +286,30 @@ class Objective:
         hparams = suggest(trial, self.space)
         if self.on_start is not None:
             self.on_start(trial, hparams)
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
         pruned = False
-        reported: set[int] = set()
+        reported: set[int] = set(frozen.intermediate_values)  # a retry inherits its original's
+        resume, on_round, path = None, None, None
+        if self.checkpoint_dir is not None:
+            path = checkpoint_path(self.checkpoint_dir, frozen)
+            fingerprint = self._fingerprint(trial.study.study_name, hparams.as_dict())
+            if path.exists():
+                resume = self._load(path, fingerprint)
+
+            def on_round(done: Progress) -> None:
+                if f"val_{metric}" in done.rows[-1]:
+                    self._save(path, fingerprint, done)
 
         def on_eval(round_index: int, metrics: dict[str, float]) -> bool:
             nonlocal pruned
             step = round_index + 1  # rounds this trial has run
-            trial.report(metrics[metric], step)
-            reported.add(step)
+            if step not in reported:
+                trial.report(metrics[metric], step)
+                reported.add(step)
             pruned = step < task.num_rounds and trial.should_prune()
             return pruned
 
-        out = run_loop(self.engine, Static(hparams, on_eval=on_eval))
+        out = run_loop(self.engine, Static(hparams, on_eval=on_eval), resume=resume, on_round=on_round)
         history = out.history
         evals = history[history[f"val_{metric}"].notna()]
         val_cols = [c for c in history.columns if c.startswith("val_")]
@@ -278,6 +330,8 @@ class Objective:
         diverged = "diverged" in history and bool(history["diverged"].eq(True).any())
         trial.set_user_attr(DIVERGED_ATTR, diverged)
         if pruned:
+            if path is not None:
+                path.unlink(missing_ok=True)
             raise optuna.TrialPruned(f"pruned after {out.cost.rounds} of {task.num_rounds} rounds")
         value = float(out.final_metrics[metric])
         if math.isfinite(value) and self._is_best_so_far(trial, value):
@@ -289,7 +343,70 @@ class Objective:
                 if not _better(v, value, direction):
                     del self.models[number], self._values[number]
             self.models[trial.number], self._values[trial.number] = out.params, value
+        if path is not None:
+            self._remove_beaten(trial.study, path, value)
         return value
+
+    def _remove_beaten(self, study: optuna.Study, current: pathlib.Path, value: float) -> None:
+        """Deletes the checkpoints of finished runs that no longer hold the best model."""
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        values = [t.value for t in done if t.state == TrialState.COMPLETE and t.value is not None]
+        values = [v for v in [*values, value] if math.isfinite(v)]
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        best = (max(values) if maximize else min(values)) if values else None
+        for t in done:
+            if t.state == TrialState.PRUNED or t.value != best:
+                checkpoint_path(self.checkpoint_dir, t).unlink(missing_ok=True)
+        if value != best:
+            current.unlink(missing_ok=True)
+
+    def _fingerprint(self, study_name: str, hparams: dict) -> dict:
+        return {
+            "study": study_name,
+            "task": self.task.name,
+            "seed": self.seed,
+            "num_rounds": self.task.num_rounds,
+            "eval_every": self.task.eval_every,
+            "hparams": hparams,
+        }
+
+    def _save(self, path: pathlib.Path, fingerprint: dict, done: Progress) -> None:
+        meta = {
+            "fingerprint": fingerprint,
+            "round": done.state.round,
+            "rng": {"seed": self.seed, "round": done.state.round},
+            "rows": [jsonable(r) for r in done.rows],
+            "cost": done.cost.as_dict(),
+            "final_metrics": jsonable(done.final_metrics),
+        }
+        trees = {"params": done.state.params, "opt_state": done.state.opt_state}
+        save_checkpoint(path, kind=CHECKPOINT_KIND, meta=meta, trees=trees)
+
+    def _load(self, path: pathlib.Path, fingerprint: dict) -> Progress:
+        template = self.engine.init()
+        meta, trees = load_checkpoint(
+            path,
+            kind=CHECKPOINT_KIND,
+            templates={"params": template.params, "opt_state": template.opt_state},
+        )
+        if meta.get("fingerprint") != fingerprint:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} belongs to another run: {meta.get('fingerprint')!r}, "
+                f"this trial: {fingerprint!r}"
+            )
+        state = ServerState(trees["params"], trees["opt_state"], round=meta["round"])
+        return Progress(state, tuple(meta["rows"]), Cost(**meta["cost"]), meta["final_metrics"])
+
+    def final_model(self, study: optuna.Study, trial: FrozenTrial):
+        """The final parameters of completed ``trial``: in memory, from its checkpoint, or None."""
+        if trial.number in self.models:
+            return self.models[trial.number]
+        if self.checkpoint_dir is None:
+            return None
+        path = checkpoint_path(self.checkpoint_dir, trial)
+        if not path.exists():
+            return None
+        return self._load(path, self._fingerprint(study.study_name, dict(trial.params))).state.params
 
     @staticmethod
     def _is_best_so_far(trial: optuna.Trial, value: float) -> bool:

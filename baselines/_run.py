@@ -21,9 +21,16 @@ the admitted trial with the highest number saw every other admitted trial
 either finished (at its actual cost) or running (at its full cost, which
 bounds what it will spend): the budget is never exceeded, whatever the
 interleaving. The price is that a worker may stop while budget remains,
-when a trial it counted at full length is later pruned. A trial left
-RUNNING by a crashed worker keeps its reservation until it is failed (e.g.
-with ``optuna.storages.fail_stale_trials`` and an RDB heartbeat).
+when a trial it counted at full length is later pruned.
+
+A killed worker: its running trial keeps its reservation until Optuna's
+heartbeat finds it stale (RDB storages; ``heartbeat=(interval, grace)``).
+The next worker to start a trial then fails it and retries it once as a new
+trial with the same hyperparameters and intermediate values, which continues
+from the killed run's last checkpoint when ``checkpoint_dir`` is given. A
+stale trial costs nothing in the ledger (its retry records the whole run's
+cost), so the work between its last checkpoint and the kill is not counted.
+Workers take retries (WAITING trials) before anything else.
 """
 
 from __future__ import annotations
@@ -270,7 +277,10 @@ class _Budget:
 
     def stop_reason(self, study: optuna.Study) -> str | None:
         """Why no further trial may start, or None."""
+        optuna.storages.fail_stale_trials(study)  # no-op without an RDB heartbeat
         trials = study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return None  # a retry, already reserved
         if self.max_trials is not None and len(trials) >= self.max_trials:
             return f"the grid's {self.max_trials} configurations have all been started"
         if any(t.user_attrs.get(NOT_RUN_ATTR, {}).get("budget") == self.record for t in trials):
@@ -297,7 +307,8 @@ class _Budget:
         trials = trial.study.get_trials(deepcopy=False)
         rounds, examples = self.committed(trials, below=trial.number)
         reason = None
-        if self.max_trials is not None and trial.number >= self.max_trials:
+        retry = "retry_history" in trial.study._storage.get_trial_system_attrs(trial._trial_id)
+        if self.max_trials is not None and trial.number >= self.max_trials and not retry:
             reason = f"the grid's {self.max_trials} configurations have all been started"
         elif rounds + need.rounds > self.rounds:
             reason = (
@@ -331,6 +342,8 @@ def run(
     storage=None,
     space: Bounds | None = None,
     worker: int = 0,
+    checkpoint_dir=None,
+    heartbeat: tuple[int, int] | None = (10, 30),
     progress: bool = True,
 ) -> BaselineResult:
     """Runs baseline ``name`` on ``task`` until the tuning budget is spent.
@@ -359,12 +372,22 @@ def run(
         space: the search space, within ``task.bounds`` (default: the bounds,
             FATHOM's search space).
         worker: distinguishes the sampler streams of parallel workers.
+        checkpoint_dir: an existing directory shared by the study's workers,
+            for crash-safe trials: each run checkpoints at every evaluation
+            round, a retried trial continues from its checkpoint, and the
+            best trial's final model stays there, so ``params`` survives a
+            restart (see :class:`~baselines.Objective`).
+        heartbeat: ``(interval, grace_period)`` seconds of Optuna's trial
+            heartbeat, used when ``storage`` is an RDB URL: a trial of a
+            killed worker is failed and retried after ``grace_period``
+            (see the module docs). ``None`` turns it off.
         progress: show a progress bar of the budget's rounds.
 
     Raises:
         ValueError: unknown ``name`` (the message lists valid names), a
             budget smaller than one trial, a ``space`` outside the task's
-            bounds, a storage that cannot be opened. Nothing is written then.
+            bounds, a bad ``heartbeat`` or ``checkpoint_dir``, a storage that
+            cannot be opened. Nothing is written then.
         ImportError: ``"gp..."`` without torch (install ``fathom-tune[gp]``).
 
     Example:
@@ -408,8 +431,20 @@ def run(
         trial.set_user_attr(WORKER_ATTR, worker)
         budget.admit(trial, hparams)
 
-    objective = Objective(task, seed=seed, space=space, on_start=on_start)
-    opened = fathom_tune.open_storage(storage)  # the first thing that may write
+    if heartbeat is not None and (
+        not isinstance(heartbeat, tuple)
+        or len(heartbeat) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in heartbeat)
+        or not 0 < heartbeat[0] < heartbeat[1]
+    ):
+        raise ValueError(
+            f"heartbeat must be None or (interval, grace_period) ints with "
+            f"0 < interval < grace_period, got {heartbeat!r}"
+        )
+    objective = Objective(
+        task, seed=seed, space=space, on_start=on_start, checkpoint_dir=checkpoint_dir
+    )
+    opened = fathom_tune.open_storage(storage, heartbeat=heartbeat)  # the first thing that may write
 
     sname = fathom_tune.make_study_name(task.name, name, seed)
     direction = "maximize" if task.target.mode == "max" else "minimize"
@@ -471,7 +506,7 @@ def run(
         for key, value in chosen.user_attrs.items():
             if key.startswith("test_"):
                 study.set_user_attr(key, value)
-    params = None if chosen is None else objective.models.get(chosen.number)
+    params = None if chosen is None else objective.final_model(study, chosen)
     rtt, ett = cost_to_target(study, task.target)
     return BaselineResult(
         study=study,
