@@ -1,0 +1,88 @@
+"""Jobs that the reliability tests run in child processes (and kill).
+
+``python tests/_jobs.py fathom <storage> <checkpoint> <num_rounds> <stall>``
+runs a checkpointed FATHOM run on the toy task; ``python tests/_jobs.py
+baseline <storage> <checkpoint_dir> <worker> <budget_rounds> <stall>`` runs
+one random-search worker on it. With ``stall`` = 1 the job hangs at a known
+point (FATHOM: inside round ``STALL_ROUND``, its trial running; baseline:
+right after its first checkpoint), where the test kills it; toy rounds take
+milliseconds, so a kill timed from outside would miss them.
+"""
+
+import pathlib
+import sys
+import time
+
+import optuna
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from _toy import toy_task
+
+import baselines
+import baselines._objective
+import fathom_tune
+from fathom_tune.engine import Engine
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+STALL_ROUND = 5
+
+SPACE = fathom_tune.Bounds(fathom_tune.HParams(0.05, 0.5, 8.0), fathom_tune.HParams(1.0, 2.0, 16.0))
+"""The workers' search space: batch sizes within two engine buckets, so few compilations."""
+
+
+def _hang(*args, **kwargs):
+    time.sleep(3600)
+
+
+def short_toy():
+    """The toy task with 8-round trials evaluated every 4 rounds."""
+    return toy_task(num_rounds=8, eval_every=4)
+
+
+def fathom(storage: str, checkpoint: str, num_rounds: str, stall: str) -> None:
+    if stall == "1":
+        real = Engine.run_round
+
+        def run_round(self, state, hparams):
+            if state.round == STALL_ROUND:
+                _hang()
+            return real(self, state, hparams)
+
+        Engine.run_round = run_round
+    fathom_tune.optimize(
+        toy_task(),
+        num_rounds=int(num_rounds),
+        eval_every=2,
+        storage=storage,
+        checkpoint=checkpoint,
+        progress=False,
+    )
+
+
+def baseline(
+    storage: str, checkpoint_dir: str, worker: str, budget_rounds: str, stall: str
+) -> None:
+    if stall == "1":
+        real = baselines._objective.save_checkpoint
+
+        def save_then_hang(*args, **kwargs):
+            real(*args, **kwargs)
+            _hang()
+
+        baselines._objective.save_checkpoint = save_then_hang
+    baselines.run(
+        short_toy(),
+        "random",
+        space=SPACE,
+        budget_rounds=int(budget_rounds),
+        storage=storage,
+        worker=int(worker),
+        checkpoint_dir=checkpoint_dir,
+        heartbeat=(1, 3),
+        progress=False,
+    )
+
+
+if __name__ == "__main__":
+    {"fathom": fathom, "baseline": baseline}[sys.argv[1]](*sys.argv[2:])

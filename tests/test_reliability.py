@@ -1,0 +1,294 @@
+"""Crash-safe resume and concurrent workers: kill processes, resume, compare with uninterrupted runs."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import optax
+import optuna
+import pytest
+from _jobs import SPACE, STALL_ROUND, short_toy
+from _toy import flat, toy_task
+from optuna.trial import TrialState
+
+import baselines
+import fathom_tune
+from baselines._objective import origin
+from fathom_tune._checkpoint import load_checkpoint, save_checkpoint
+from fathom_tune._optimize import ROUND_ATTR, STALE_ATTR
+from fathom_tune.engine import Engine
+from fathom_tune.loop import fedavg
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+JOBS = pathlib.Path(__file__).with_name("_jobs.py")
+ROOT = JOBS.parent.parent
+
+
+def _start(*args) -> subprocess.Popen:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen(
+        [sys.executable, str(JOBS), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_until(predicate, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"job ended before the kill: {proc.stdout.read().decode()[-3000:]}"
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("job made no progress in time")
+        time.sleep(0.2)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _trials(url: str, name: str):
+    storage = optuna.storages.RDBStorage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    except KeyError:
+        return []
+
+
+def _rounds(trials) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            out.setdefault(t.user_attrs[ROUND_ATTR], []).append(t)
+    return out
+
+
+# --------------------------------------------------------------- FATHOM
+
+
+def test_sigkilled_fathom_run_resumes_to_the_uninterrupted_result(tmp_path):
+    rounds, name = 12, "toy/fathom/seed0"
+    url, ckpt = f"sqlite:///{tmp_path}/s.db", tmp_path / "run.npz"
+    proc = _start("fathom", url, ckpt, rounds, 1)  # hangs inside round STALL_ROUND
+
+    def stalled():
+        trials = _trials(url, name)
+        return any(
+            t.state == TrialState.RUNNING and t.user_attrs.get(ROUND_ATTR) == STALL_ROUND
+            for t in trials
+        )
+
+    _wait_until(stalled, proc)
+    _kill(proc)
+    before = {r: ts[0].value for r, ts in _rounds(_trials(url, name)).items()}
+    assert sorted(before) == list(range(STALL_ROUND))
+    meta, _ = load_checkpoint(ckpt, kind="fathom", templates={})
+    assert meta["round"] == STALL_ROUND
+
+    resumed = fathom_tune.optimize(
+        toy_task(), num_rounds=rounds, eval_every=2, storage=url, checkpoint=ckpt, progress=False
+    )
+    plain = fathom_tune.optimize(toy_task(), num_rounds=rounds, eval_every=2, progress=False)
+    assert np.array_equal(flat(resumed.params), flat(plain.params))
+    for col in ("learning_rate", "local_epochs", "batch_size", "train_loss", "H", "G"):
+        assert list(resumed.history[col]) == list(plain.history[col]), col
+    assert list(resumed.history["round"]) == list(range(rounds))
+    assert resumed.cost.examples == plain.cost.examples
+    # Every round is in the study exactly once; the rounds finished before the kill kept their values.
+    done = _rounds(resumed.study.trials)
+    assert sorted(done) == list(range(rounds))
+    assert all(len(ts) == 1 for ts in done.values())
+    assert {r: done[r][0].value for r in before} == before
+    assert [t.value for t in plain.study.trials] == [done[r][0].value for r in range(rounds)]
+    # The round running at the kill is left over, failed and marked stale.
+    extra = [t for t in resumed.study.trials if t.state != TrialState.COMPLETE]
+    assert [(t.state, t.user_attrs[ROUND_ATTR], t.user_attrs[STALE_ATTR]) for t in extra] == [
+        (TrialState.FAIL, STALL_ROUND, True)
+    ]
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_replays_rounds_the_study_holds_past_the_checkpoint(tmp_path, monkeypatch):
+    # Checkpoints every 3 rounds; the process dies in round 5 after rounds 3 and 4 were told.
+    task, rounds, url, ckpt = toy_task(), 8, f"sqlite:///{tmp_path}/s.db", tmp_path / "c.npz"
+    real = Engine.run_round
+
+    def crash_in_round_5(self, state, hparams):
+        if state.round == 5:
+            raise _Crash
+        return real(self, state, hparams)
+
+    monkeypatch.setattr(Engine, "run_round", crash_in_round_5)
+    server = optax.sgd(1.0, momentum=0.5)  # an optimizer state to restore
+    kwargs = {"seed": 3, "num_rounds": rounds, "eval_every": 2, "storage": url, "progress": False}
+    kwargs["server_optimizer"] = server
+    with pytest.raises(_Crash):
+        fathom_tune.optimize(task, checkpoint=ckpt, checkpoint_every=3, **kwargs)
+    meta, _ = load_checkpoint(ckpt, kind="fathom", templates={})  # the metadata alone
+    assert meta["round"] == 3 and len(meta["rows"]) == 3
+    monkeypatch.setattr(Engine, "run_round", real)
+
+    resumed = fathom_tune.optimize(task, checkpoint=ckpt, checkpoint_every=3, **kwargs)
+    plain = fathom_tune.optimize(
+        task, seed=3, num_rounds=rounds, eval_every=2, progress=False, server_optimizer=server
+    )
+    assert np.array_equal(flat(resumed.params), flat(plain.params))
+    assert np.array_equal(flat(resumed.state.opt_state), flat(plain.state.opt_state))
+    assert list(resumed.history["H"]) == list(plain.history["H"])  # m was restored
+    states = [(t.state, t.user_attrs.get(ROUND_ATTR)) for t in resumed.study.trials]
+    # Rounds 0-4 from the first process, round 5's trial failed as stale, then 5-7 anew.
+    assert states == [(TrialState.COMPLETE, r) for r in range(5)] + [(TrialState.FAIL, 5)] + [
+        (TrialState.COMPLETE, r) for r in range(5, rounds)
+    ]
+    assert resumed.study.trials[5].user_attrs[STALE_ATTR] is True
+    # A finished run resumed again does no more rounds and writes nothing new.
+    again = fathom_tune.optimize(task, checkpoint=ckpt, checkpoint_every=3, **kwargs)
+    assert len(again.study.trials) == len(resumed.study.trials)
+    assert np.array_equal(flat(again.params), flat(plain.params))
+
+
+def test_a_second_run_on_a_held_checkpoint_is_refused(tmp_path):
+    import fcntl
+
+    ckpt = tmp_path / "c.npz"
+    with open(tmp_path / "c.npz.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="in use by another running process"):
+            fathom_tune.optimize(
+                toy_task(), num_rounds=2, storage=f"sqlite:///{tmp_path}/s.db", checkpoint=ckpt
+            )
+    assert not (tmp_path / "s.db").exists() or not optuna.get_all_study_names(
+        f"sqlite:///{tmp_path}/s.db"
+    )
+
+
+def test_checkpoint_of_another_run_is_refused_and_nothing_is_written(tmp_path):
+    url, ckpt = f"sqlite:///{tmp_path}/s.db", tmp_path / "c.npz"
+    fathom_tune.optimize(toy_task(), num_rounds=2, storage=url, checkpoint=ckpt, progress=False)
+    n = len(optuna.load_study(study_name="toy/fathom/seed0", storage=url).trials)
+    with pytest.raises(fathom_tune.CheckpointError, match=r"another run.*num_rounds"):
+        fathom_tune.optimize(toy_task(), num_rounds=3, storage=url, checkpoint=ckpt, progress=False)
+    assert len(optuna.load_study(study_name="toy/fathom/seed0", storage=url).trials) == n
+
+
+def test_checkpoint_needs_a_persistent_storage(tmp_path):
+    with pytest.raises(ValueError, match="checkpoint needs a persistent storage"):
+        fathom_tune.optimize(toy_task(), num_rounds=2, checkpoint=tmp_path / "c.npz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_is_written_atomically_and_loads_without_pickle(tmp_path, monkeypatch):
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, kind="k", meta={"round": 1}, trees={"w": [np.ones(3, np.float32)]})
+    loads = []
+    real_load = np.load
+
+    def spy(*args, **kwargs):
+        loads.append(kwargs.get("allow_pickle"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(np, "load", spy)
+    meta, trees = load_checkpoint(path, kind="k", templates={"w": [np.zeros(3, np.float32)]})
+    assert loads == [False]
+    assert meta == {"round": 1} and trees["w"][0].tolist() == [1.0, 1.0, 1.0]
+
+    # A crash in the middle of writing leaves the old checkpoint whole.
+    def broken_savez(file, **arrays):
+        file.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken_savez)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, kind="k", meta={"round": 2}, trees={"w": [np.zeros(3, np.float32)]})
+    meta, _ = load_checkpoint(path, kind="k", templates={"w": [np.zeros(3, np.float32)]})
+    assert meta == {"round": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz"]
+
+
+# ------------------------------------------------------------ baselines
+
+
+def test_four_workers_one_sigkilled_lose_and_duplicate_nothing(tmp_path):
+    url, ckdir, budget = f"sqlite:///{tmp_path}/s.db", tmp_path / "ck", 8 * 14
+    ckdir.mkdir()
+    name = "toy/random/seed0"
+    # Worker 0 hangs right after its first checkpoint, mid-trial, and is killed there.
+    workers = [_start("baseline", url, ckdir, w, budget, int(w == 0)) for w in range(4)]
+    victim = workers[0]
+
+    def victim_has_a_checkpointed_trial():
+        return any(
+            t.state == TrialState.RUNNING
+            and t.user_attrs.get("worker") == 0
+            and t.intermediate_values
+            for t in _trials(url, name)
+        )
+
+    _wait_until(victim_has_a_checkpointed_trial, victim)
+    killed = next(
+        t
+        for t in _trials(url, name)
+        if t.state == TrialState.RUNNING and t.user_attrs.get("worker") == 0
+    )
+    _kill(victim)
+    finished_before = {
+        t.number: t.value for t in _trials(url, name) if t.state == TrialState.COMPLETE
+    }
+    for proc in workers[1:]:
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out.decode()[-3000:]
+    # A worker started after the others ended fails the stale trial if nobody did, and finishes.
+    time.sleep(3)
+    result = baselines.run(
+        short_toy(),
+        "random",
+        space=SPACE,
+        budget_rounds=budget,
+        storage=url,
+        worker=9,
+        checkpoint_dir=ckdir,
+        heartbeat=(1, 3),
+        progress=False,
+    )
+    trials = result.study.trials
+    by_number = {t.number: t for t in trials}
+    # Nothing finished before the kill was lost or changed.
+    assert {n: by_number[n].value for n in finished_before} == finished_before
+    # The killed trial failed and was retried exactly once, with its hyperparameters, to completion.
+    assert by_number[killed.number].state == TrialState.FAIL
+    retries = [t for t in trials if t.number != killed.number and origin(t) == killed.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    retry = retries[0]
+    assert retry.params == killed.params
+    # The retry continued from the checkpoint and ended where an uninterrupted run ends.
+    hp = fathom_tune.HParams(**killed.params)
+    ref = fedavg(short_toy(), hp, seed=0)
+    assert retry.value == pytest.approx(ref.final_metrics["accuracy"], abs=1e-6)
+    assert retry.user_attrs["rounds"] == 8
+    assert retry.user_attrs["examples"] == ref.cost.examples
+    assert sorted(retry.intermediate_values) == [4, 8]
+    # No run was recorded twice: one completed trial per origin.
+    origins = [origin(t) for t in trials if t.state == TrialState.COMPLETE]
+    assert len(origins) == len(set(origins))
+    # The study finished: nothing running or waiting, and the budget holds no room for a trial.
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert budget - 8 < result.cost.rounds <= budget
+    # The chosen model's checkpoint is kept and is the only one left.
+    chosen = baselines.choose(result.study)
+    assert [p.name for p in ckdir.iterdir() if p.suffix == ".npz"] == [f"trial{origin(chosen)}.npz"]
+    assert result.params is not None
