@@ -34,6 +34,7 @@ import optuna
 
 from fathom_tune._hparams import NAMES, Bounds
 from fathom_tune.task import Task
+from fathom_tune.tasks._common import check_bool, check_int_range
 
 __all__ = [
     "GP",
@@ -47,6 +48,17 @@ __all__ = [
     "SuccessiveHalving",
     "get",
 ]
+
+
+def _check_fields(config, **lows: int | None) -> None:
+    """Checks ``config``'s fields: an int >= ``low`` each, a bool where ``low`` is None."""
+    owner = type(config).__name__
+    for field, low in lows.items():
+        name, value = f"{owner}.{field}", getattr(config, field)
+        if low is None:
+            check_bool(name, value)
+        else:
+            check_int_range(name, value, low)
 
 
 def _stream_seed(seed: int, stream: int) -> int:
@@ -89,10 +101,10 @@ class Grid:
         return out
 
     def __post_init__(self):
-        if len(self.points) != len(NAMES) or not all(
+        if not isinstance(self.points, tuple) or len(self.points) != len(NAMES) or not all(
             isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.points
         ):
-            raise ValueError(f"Grid.points must be three ints >= 1, got {self.points!r}")
+            raise ValueError(f"Grid.points must be a tuple of three ints >= 1, got {self.points!r}")
 
     def max_trials(self) -> int:
         """Configurations in the grid: the study stops after this many trials."""
@@ -134,6 +146,11 @@ class TPE:
     multivariate: bool = True
     constant_liar: bool = True
 
+    def __post_init__(self):
+        _check_fields(
+            self, n_startup_trials=0, n_ei_candidates=1, multivariate=None, constant_liar=None
+        )
+
     def max_trials(self) -> int | None:
         """``None``: no limit on the number of trials."""
         return None
@@ -164,6 +181,9 @@ class GP:
 
     n_startup_trials: int = 5
     deterministic_objective: bool = False
+
+    def __post_init__(self):
+        _check_fields(self, n_startup_trials=0, deterministic_objective=None)
 
     def max_trials(self) -> int | None:
         """``None``: no limit on the number of trials."""
@@ -200,6 +220,9 @@ class Hyperband:
 
     reduction_factor: int = 3
 
+    def __post_init__(self):
+        _check_fields(self, reduction_factor=2)
+
     def build(self, task: Task) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(
             min_resource=task.eval_every,
@@ -221,6 +244,9 @@ class SuccessiveHalving:
 
     reduction_factor: int = 3
     min_early_stopping_rate: int = 0
+
+    def __post_init__(self):
+        _check_fields(self, reduction_factor=2, min_early_stopping_rate=0)
 
     def build(self, task: Task) -> optuna.pruners.BasePruner:
         return optuna.pruners.SuccessiveHalvingPruner(
@@ -245,6 +271,9 @@ class Median:
     n_startup_trials: int = 3
     n_warmup_evals: int = 1
 
+    def __post_init__(self):
+        _check_fields(self, n_startup_trials=0, n_warmup_evals=0)
+
     def build(self, task: Task) -> optuna.pruners.BasePruner:
         return optuna.pruners.MedianPruner(
             n_startup_trials=self.n_startup_trials,
@@ -268,6 +297,21 @@ class Baseline:
     name: str
     sampler: Grid | Random | TPE | GP
     pruner: Hyperband | SuccessiveHalving | Median | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name or "/" in self.name:
+            raise ValueError(f"Baseline.name must be a non-empty str without '/', got {self.name!r}")
+        if not isinstance(self.sampler, (Grid, Random, TPE, GP)):
+            raise TypeError(
+                f"Baseline.sampler must be a Grid, Random, TPE or GP, got {self.sampler!r}"
+            )
+        if self.pruner is not None and not isinstance(
+            self.pruner, (Hyperband, SuccessiveHalving, Median)
+        ):
+            raise TypeError(
+                "Baseline.pruner must be a Hyperband, SuccessiveHalving, Median or None, "
+                f"got {self.pruner!r}"
+            )
 
     def build_pruner(self, task: Task) -> optuna.pruners.BasePruner:
         """The study's pruner (``NopPruner`` without one)."""

@@ -296,7 +296,8 @@ class Engine:
         seed: drives model initialisation, client sampling and client shuffling.
         server_optimizer: an optax transformation applied to the mean update
             as if it were a gradient. Default ``optax.sgd(1.0)`` (plain FedAvg).
-        buckets: ascending batch-size ladder (see :func:`default_buckets`).
+        buckets: ascending batch-size ladder (see :func:`default_buckets`);
+            the largest must hold the task's upper batch-size bound.
         client_block: clients trained together with ``jax.vmap``. ``None``
             (auto) trains all clients of a round at once, except for models
             with convolutions on XLA:CPU, which run one client at a time (a
@@ -347,6 +348,12 @@ class Engine:
             isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in buckets
         ) or list(buckets) != sorted(set(buckets)):
             raise ValueError(f"buckets must be strictly ascending ints >= 1, got {buckets!r}")
+        widest = task.bounds.upper.batch_int
+        if buckets[-1] < widest:
+            raise ValueError(
+                f"buckets: the largest bucket {buckets[-1]} is smaller than the batch size "
+                f"{widest} that task.bounds allows; the largest bucket must be >= {widest}"
+            )
         self.task = task
         self.seed = int(seed)
         self.server_optimizer = server_optimizer

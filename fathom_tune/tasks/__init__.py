@@ -37,12 +37,15 @@ def get(name: str, **kwargs) -> Task:
     """Builds the offline task registered as ``name`` with the builder's ``kwargs``.
 
     Raises:
+        TypeError: ``name`` is not a str.
         ValueError: ``name`` is not in :data:`REGISTRY`; the message lists the names.
 
     Example:
         >>> get("synthetic", num_clients=5).train.num_clients()
         5
     """
+    if not isinstance(name, str):
+        raise TypeError(f"task name must be a str, got {name!r}; valid names: {sorted(REGISTRY)}")
     if name not in REGISTRY:
         raise ValueError(f"unknown task {name!r}; valid names: {sorted(REGISTRY)}")
     return REGISTRY[name](**kwargs)

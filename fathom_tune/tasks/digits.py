@@ -125,8 +125,6 @@ def digits(
         >>> task.train.num_clients(), task.validation.num_clients(), task.test.num_clients()
         (20, 2, 2)
     """
-    from sklearn.datasets import load_digits
-
     seed = _common.check_seed("seed", seed)
     num_val = _common.check_int_range("num_validation_writers", num_validation_writers, 1)
     num_test = _common.check_int_range("num_test_writers", num_test_writers, 1)
@@ -136,6 +134,8 @@ def digits(
             f"training writer of the {NUM_WRITERS}; their sum must be <= {NUM_WRITERS - 1}"
         )
     parts = _common.check_int_range("clients_per_writer", clients_per_writer, 1, 10)
+
+    from sklearn.datasets import load_digits  # slow to import: only once the arguments are valid
 
     data = load_digits()
     x = (data.images / 16.0).astype(np.float32)[..., np.newaxis]

@@ -11,8 +11,10 @@ The data is loaded by FedJAX's real loaders (``fedjax.datasets.emnist``,
 and download the file from Google's bucket when it is absent. These
 builders never download: they check first that every file is in the cache
 directory and otherwise raise :class:`FileNotFoundError` naming the file,
-the directory and the URL to fetch it from. The cache directory is the
-``cache_dir`` argument, else the environment variable
+the directory and the URL to fetch it from; a truncated or corrupted SQLite
+file (not FedJAX's ``federated_data`` table, or a first client that does not
+decode) raises :class:`ValueError` naming the file. The cache directory is
+the ``cache_dir`` argument, else the environment variable
 ``FATHOM_TUNE_DATA_DIR``, else FedJAX's default ``~/.cache/fedjax``.
 
 Validation clients are whole clients carved off FedJAX's train split
@@ -28,12 +30,15 @@ out-of-vocabulary ``vocab_size + 3``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sqlite3
 from collections.abc import Callable, Sequence
 
 import fedjax
 import numpy as np
+from fedjax.core import sqlite_federated_data
 
 from fathom_tune._hparams import Bounds, HParams
 from fathom_tune.task import Target, Task
@@ -80,7 +85,11 @@ def cache_dir_of(cache_dir: str | os.PathLike | None) -> str:
 
 
 def _require(directory: str, urls: Sequence[str]) -> None:
-    """Raises ``FileNotFoundError`` for the first file of ``urls`` not in ``directory``."""
+    """Raises for the first file of ``urls`` not in ``directory`` or not in FedJAX's format.
+
+    ``FileNotFoundError`` for a missing file, ``ValueError`` for an ``.sqlite``
+    file that :func:`_format_problem` rejects; both name the file.
+    """
     for url in urls:
         name = url.rsplit("/", 1)[-1]
         path = os.path.join(directory, name)
@@ -91,6 +100,41 @@ def _require(directory: str, urls: Sequence[str]) -> None:
                 f"publishes it at {url} ; download it into that directory "
                 f"(e.g. curl -o {path} {url}) on a machine with internet access."
             )
+    for url in urls:
+        name = url.rsplit("/", 1)[-1]
+        if name.endswith(".sqlite"):
+            problem = _format_problem(os.path.join(directory, name))
+            if problem is not None:
+                raise ValueError(
+                    f"{name} in the data directory {directory!r} is not a FedJAX federated "
+                    f"SQLite file ({problem}); it may be truncated or corrupted: delete it and "
+                    f"download it again from {url}"
+                )
+
+
+_COLUMNS = {"client_id", "data", "num_examples"}
+
+
+def _format_problem(path: str) -> str | None:
+    """Why ``path`` is not in FedJAX's SQLite format, or None.
+
+    FedJAX's format (``fedjax.SQLiteFederatedData``): a table ``federated_data``
+    with columns ``client_id``, ``data`` (zlib-compressed msgpack, never
+    pickle) and ``num_examples``. The file is opened read-only and the first
+    client's data is decoded.
+    """
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(federated_data)")}
+            if not _COLUMNS <= columns:
+                return f"no table federated_data with columns {sorted(_COLUMNS)}"
+            first = db.execute("SELECT data FROM federated_data LIMIT 1").fetchone()
+        if first is None:
+            return "its federated_data table has no clients"
+        sqlite_federated_data.decompress_and_deserialize(first[0])
+    except Exception as exc:  # noqa: BLE001 - sqlite, zlib and msgpack errors alike
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _carve(
@@ -218,10 +262,19 @@ def read_vocab(path: str | os.PathLike, vocab_size: int) -> list[str]:
     """
     vocab = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if len(vocab) == vocab_size:
-                break
-            vocab.append(line.split()[0])
+        try:
+            for number, line in enumerate(f, 1):
+                if len(vocab) == vocab_size:
+                    break
+                fields = line.split()
+                if len(fields) != 2:
+                    raise ValueError(f"line {number} is {line[:80]!r}, not '<word> <count>'")
+                vocab.append(fields[0])
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(
+                f"{os.fspath(path)!r} is not a stackoverflow.word_count file ({exc}); it may be "
+                f"corrupted: delete it and download it again from {STACKOVERFLOW_VOCAB_URL}"
+            ) from None
     if len(vocab) < vocab_size:
         raise ValueError(
             f"vocab_size={vocab_size} exceeds the {len(vocab)} words in {os.fspath(path)!r}"
