@@ -15,14 +15,16 @@ x one run). Every study lands in one Optuna storage, named
 and the report ``<out>/<task>/report.md`` (+ ``report.html``, CSV and
 markdown tables, PNG figures) is built from that storage alone
 (:func:`studies.report.build_report`). See every study with
-``optuna-dashboard <storage URL>``.
+``optuna-dashboard --host 127.0.0.1 <storage URL>`` (the command is printed
+at the end, the password of the URL masked).
 
-Resuming: re-running the same command continues where it stopped. A
-baseline study continues its tuning budget (finished trials are not run
-again; a study whose budget is spent runs nothing). A FATHOM study that
-holds its whole run is skipped; one that holds part of a run (an
-interrupted process) is deleted and run again from round 0, because a
-FATHOM run cannot continue without its model, which the storage does not hold.
+Resuming: re-running the same command continues where it stopped. Runs
+checkpoint into ``<out>/checkpoints/``. A baseline study continues its
+tuning budget (finished trials are not run again; a trial cut off mid-run
+continues from its checkpoint; a study whose budget is spent runs nothing).
+A FATHOM study that holds its whole run is skipped; one that holds part of
+a run continues from its checkpoint and ends as an uninterrupted run would
+(one without a checkpoint, written by an older version, is run again).
 
 ``--quick``: digits, tuners ``fathom random tpe tpe+hyperband``, seeds 0 and 1,
 training runs of 50 rounds, baseline budget 6 runs (300 rounds): a few
@@ -36,7 +38,6 @@ import math
 import os
 import pathlib
 import sys
-import tempfile
 import time
 
 import optuna
@@ -44,6 +45,7 @@ import optuna
 import baselines
 import fathom_tune
 from fathom_tune._storage import mask_url
+from studies._cli import SQLITE, dashboard_command, storage_problem, unwritable_reason
 from studies.report import FATHOM, LEDGER_ATTR, build_report
 
 QUICK = {
@@ -126,24 +128,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _writable_dir(path: pathlib.Path) -> str | None:
-    """Why ``path`` cannot become a writable directory, or None."""
-    path = path.absolute()
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        return f"{str(probe)!r} is a file, not a directory"
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as exc:
-        return f"directory {str(probe)!r} is not writable ({exc.strerror or exc})"
-    return None
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     """Parses and validates every option; exits with status 2 (nothing written) on bad input."""
     parser = _parser()
@@ -159,12 +143,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     if args.task not in fathom_tune.tasks.REGISTRY:
         parser.error(
-            f"unknown task {args.task!r}; valid tasks: {', '.join(sorted(fathom_tune.tasks.REGISTRY))}"
+            f"--task: unknown task {args.task!r}; valid tasks: {', '.join(sorted(fathom_tune.tasks.REGISTRY))}"
         )
     unknown = [t for t in args.tuners if t not in valid_tuners()]
     if unknown:
         parser.error(
-            f"unknown tuner(s) {', '.join(map(repr, unknown))}; valid tuners: {', '.join(valid_tuners())}"
+            f"--tuners: unknown tuner(s) {', '.join(map(repr, unknown))}; valid tuners: {', '.join(valid_tuners())}"
         )
     if len(set(args.tuners)) != len(args.tuners):
         parser.error(f"--tuners lists a tuner twice: {args.tuners}")
@@ -173,7 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             try:
                 baselines.GP.check_available()
             except ImportError as exc:
-                parser.error(f"tuner {t!r}: {exc}")
+                parser.error(f"--tuners: tuner {t!r}: {exc}")
     if any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct ints >= 0, got {args.seeds}")
     if args.rounds is not None and args.rounds < 1:
@@ -191,7 +175,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.budget_rounds = round(args.budget_multiple * task.num_rounds)
     if any(t != FATHOM for t in args.tuners) and args.budget_rounds < task.num_rounds:
         parser.error(
-            f"baseline budget of {args.budget_rounds} rounds is smaller than one baseline trial "
+            f"--budget-rounds/--budget-multiple: baseline budget of {args.budget_rounds} rounds "
+            "is smaller than one baseline trial "
             f"({task.num_rounds} rounds of task {args.task!r}); use --budget-rounds >= {task.num_rounds} "
             "or --budget-multiple >= 1"
         )
@@ -200,28 +185,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     report_dir = out / task.name
     for path in (out, report_dir):
         if path.exists() and not path.is_dir():
-            parser.error(f"output path {str(path)!r} is a file, not a directory")
-    why = _writable_dir(report_dir)
+            parser.error(f"--out: output path {str(path)!r} is a file, not a directory")
+    why = unwritable_reason(report_dir)
     if why:
         parser.error(f"cannot write the report under --out {str(out)!r}: {why}")
     args.report_dir = report_dir
     if args.storage is None:
-        args.storage = f"sqlite:///{out / 'compare.db'}"
-    elif args.storage.startswith("sqlite:///"):
-        db = pathlib.Path(args.storage[len("sqlite:///") :])
-        if db.exists() and not db.is_file():
-            parser.error(f"--storage {mask_url(args.storage)!r}: {str(db)!r} is not a file")
-        why = _writable_dir(db.parent)
+        args.storage = f"{SQLITE}{out / 'compare.db'}"
+    else:
+        why = storage_problem(args.storage)
         if why:
-            parser.error(f"--storage {mask_url(args.storage)!r}: {why}")
-    elif "://" not in args.storage:
-        path = pathlib.Path(args.storage)
-        if path.is_dir():
-            parser.error(f"--storage {args.storage!r} is a directory; give a journal file or a URL")
-        if not path.parent.is_dir():
-            parser.error(
-                f"--storage {args.storage!r}: directory {str(path.parent)!r} does not exist"
-            )
+            parser.error(f"--storage {why}")
     return args
 
 
@@ -251,39 +225,63 @@ def _check_existing(storage, args) -> str | None:
     return None
 
 
-def _run_fathom(storage, task, seed: int, progress: bool) -> str:
+def _checkpoints(out_root: pathlib.Path, task, tuner: str, seed: int) -> pathlib.Path:
+    """Where a run of ``tuner`` keeps its checkpoints: ``<out>/checkpoints/<task>-<tuner>-seed<k>``."""
+    directory = out_root / "checkpoints"
+    directory.mkdir(exist_ok=True)
+    return directory / f"{task.name}-{tuner}-seed{seed}"
+
+
+def _run_fathom(storage, task, seed: int, progress: bool, out_root: pathlib.Path) -> str:
     name = fathom_tune.make_study_name(task.name, FATHOM, seed)
+    checkpoint = _checkpoints(out_root, task, FATHOM, seed).with_suffix(".npz")
     existing = {
         s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
     }
-    if name in existing and existing[name].n_trials:
+    note = ""
+    if name in existing:
         s = existing[name]
-        done = s.n_trials >= task.num_rounds and f"test_{task.target.metric}" in s.user_attrs
-        if done:
+        if s.n_trials >= task.num_rounds and f"test_{task.target.metric}" in s.user_attrs:
             return f"{name}: complete ({s.n_trials} rounds), skipped"
-        optuna.delete_study(study_name=name, storage=storage)
-        note = f"{name}: held {s.n_trials} of {task.num_rounds} rounds (interrupted), deleted and run again; "
-    elif name in existing:
-        optuna.delete_study(study_name=name, storage=storage)
-        note = ""
-    else:
-        note = ""
+        if checkpoint.exists():
+            note = f"{name}: resumed from {checkpoint.name}; "
+        else:
+            optuna.delete_study(study_name=name, storage=storage)
+            if s.n_trials:
+                note = f"{name}: held {s.n_trials} rounds and no checkpoint, deleted and run again; "
+    elif checkpoint.exists():
+        checkpoint.unlink()  # its study is gone; start over
     result = fathom_tune.optimize(
-        task, seed=seed, storage=storage, study_name=name, progress=progress
+        task,
+        seed=seed,
+        storage=storage,
+        study_name=name,
+        checkpoint=checkpoint,
+        progress=progress,
     )
     result.study.set_user_attr(LEDGER_ATTR, result.cost.as_dict())
     return f"{note}{name}: ran {result.cost.rounds} rounds"
 
 
-def _run_baseline(storage, task, tuner: str, seed: int, budget: int, progress: bool) -> str:
+def _run_baseline(
+    storage, task, tuner: str, seed: int, budget: int, progress: bool, out_root: pathlib.Path
+) -> str:
     name = fathom_tune.make_study_name(task.name, tuner, seed)
     before = sum(
         s.n_trials
         for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
         if s.study_name == name
     )
+    directory = _checkpoints(out_root, task, tuner, seed)
+    directory.mkdir(exist_ok=True)
     out = baselines.run(
-        task, tuner, budget_rounds=budget, seed=seed, storage=storage, progress=progress
+        task,
+        tuner,
+        budget_rounds=budget,
+        seed=seed,
+        storage=storage,
+        checkpoint_dir=directory,
+        progress=progress,
     )
     added = len(out.study.trials) - before
     return f"{name}: {added} new trials, {len(out.study.trials)} in all, {out.cost.rounds} of {budget} rounds"
@@ -296,10 +294,10 @@ def main(argv=None) -> int:
     out_root = pathlib.Path(args.out)
     out_created = not out_root.exists()
     out_root.mkdir(parents=True, exist_ok=True)
-    if args.storage.startswith("sqlite:///"):  # validated writable in parse_args
-        pathlib.Path(args.storage[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    if args.storage.startswith(SQLITE):  # validated writable in parse_args
+        pathlib.Path(args.storage[len(SQLITE) :]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        storage = fathom_tune.open_storage(args.storage, argument="--storage")
+        storage = fathom_tune.open_storage(args.storage, argument="--storage", heartbeat=(10, 30))
         conflict = _check_existing(storage, args)
     except (TypeError, ValueError) as exc:
         conflict = str(exc)
@@ -320,16 +318,18 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         for tuner in args.tuners:
             if tuner == FATHOM:
-                line = _run_fathom(storage, task, seed, progress)
+                line = _run_fathom(storage, task, seed, progress, out_root)
             else:
-                line = _run_baseline(storage, task, tuner, seed, args.budget_rounds, progress)
+                line = _run_baseline(
+                    storage, task, tuner, seed, args.budget_rounds, progress, out_root
+                )
             print(line, flush=True)
     report = build_report(
         args.storage, task.name, args.report_dir, tuners=args.tuners, seeds=args.seeds
     )
     print(
         f"report: {report} ({time.perf_counter() - start:.0f} s); "
-        f"dashboard: optuna-dashboard {mask_url(args.storage)}"
+        f"dashboard: {dashboard_command(args.storage)}"
     )
     return 0
 

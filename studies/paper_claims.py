@@ -9,6 +9,8 @@ the seeds that reached it, and how many did).
 Usage:
     python -m studies.paper_claims [--tasks digits shakespeare] [--seeds 0 1 2]
                                    [--out reports/paper_claims]
+
+Bad options exit with status 2 before anything is written or trained.
 """
 
 from __future__ import annotations
@@ -23,18 +25,28 @@ import pandas as pd
 
 import fathom_tune
 from fathom_tune import HParams
+from studies._cli import unwritable_reason
 from studies.report import markdown_table
+
+PROG = "python -m studies.paper_claims"
+STARTS = ("default", "low lr (eta/2)", "B=4", "B=256")
+"""The labels of :func:`starts`, the values of ``--starts``."""
 
 
 def starts(task) -> dict[str, HParams]:
     """The paper's starting points (Table 1), relative to the task's default."""
     d = task.init_hparams
-    return {
-        "default": d,
-        "low lr (eta/2)": dataclasses.replace(d, learning_rate=d.learning_rate / 2),
-        "B=4": dataclasses.replace(d, batch_size=4.0),
-        "B=256": dataclasses.replace(d, batch_size=256.0),
-    }
+    return dict(
+        zip(
+            STARTS,
+            (
+                d,
+                dataclasses.replace(d, learning_rate=d.learning_rate / 2),
+                dataclasses.replace(d, batch_size=4.0),
+                dataclasses.replace(d, batch_size=256.0),
+            ),
+        )
+    )
 
 
 def run_one(task, tuner: str, start: HParams, seed: int, **engine_kwargs) -> dict:
@@ -67,20 +79,38 @@ def summarize(raw: pd.DataFrame) -> pd.DataFrame:
     return table.unstack("tuner").reset_index()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m studies.paper_claims", description=__doc__.split("\n")[0])
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parses and validates every option; exits with status 2 (nothing written) on bad input."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", default=["digits", "shakespeare"], choices=sorted(fathom_tune.tasks.REGISTRY))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--starts", nargs="+", default=None, help="a subset of: default, 'low lr (eta/2)', B=4, B=256")
+    parser.add_argument("--starts", nargs="+", default=None, choices=STARTS, help="a subset (default: all)")
     parser.add_argument("--client-block", type=int, default=None,
                         help="Engine client_block (default: auto); 1 with --steps-per-call 1 "
                         "compiles the small Shakespeare LSTM 3.6x faster on 2 CPU cores")
     parser.add_argument("--steps-per-call", type=int, default=None, help="Engine steps_per_call (default: auto)")
     parser.add_argument("--out", default="reports/paper_claims")
     args = parser.parse_args(argv)
+    if any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct ints >= 0, got {args.seeds}")
+    if len(set(args.tasks)) != len(args.tasks):
+        parser.error(f"--tasks lists a task twice: {args.tasks}")
+    for option in ("client_block", "steps_per_call"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            parser.error(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     out = pathlib.Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {str(out)!r} is a file; give a directory")
+    why = unwritable_reason(out)
+    if why:
+        parser.error(f"--out {str(out)!r}: {why}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = []

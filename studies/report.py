@@ -51,6 +51,7 @@ import seaborn as sns
 import baselines
 from fathom_tune._storage import mask_url, open_storage
 from fathom_tune.task import Target
+from studies._cli import dashboard_command
 
 __all__ = [
     "FATHOM",
@@ -59,6 +60,7 @@ __all__ = [
     "build_report",
     "curves",
     "load_studies",
+    "markdown_escape",
     "markdown_table",
     "per_seed",
     "summary",
@@ -424,12 +426,41 @@ def _figure_bars(seeds: pd.DataFrame, path):
     plt.close(fig)
 
 
+_MARKDOWN_ESCAPES = str.maketrans(
+    {
+        "\\": "\\\\",
+        "|": "\\|",
+        "`": "\\`",
+        "[": "\\[",
+        "]": "\\]",
+        "&": "&amp;",
+        "<": "&lt;",
+        ">": "&gt;",
+        "\n": " ",
+        "\r": " ",
+    }
+)
+
+
+def markdown_escape(text) -> str:
+    """``text`` as literal markdown: no table cell break, code span, link or raw HTML.
+
+    Escapes backslashes, pipes, backticks and brackets, writes ``&``, ``<`` and
+    ``>`` as HTML entities and newlines as spaces, so a task, study or tuner
+    name shows as written and cannot inject markup into a rendered report.
+
+    >>> print(markdown_escape("<script>alert(1)</script>|x"))
+    &lt;script&gt;alert(1)&lt;/script&gt;\\|x
+    """
+    return str(text).translate(_MARKDOWN_ESCAPES)
+
+
 def _cell(v, floatfmt: str) -> str:
     if isinstance(v, (float, np.floating)):
         if math.isnan(v):
             return ""
         return f"{int(v)}" if float(v).is_integer() and abs(v) < 1e15 else format(v, floatfmt)
-    return str(v).replace("|", "\\|").replace("\n", " ")
+    return markdown_escape(v)
 
 
 def markdown_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
@@ -480,22 +511,27 @@ def _environment() -> pd.DataFrame:
 
 
 class _Doc:
-    """A report written once as markdown and once as HTML (names escaped)."""
+    """A report written once as markdown and once as HTML.
+
+    Every text is escaped for its format (:func:`markdown_escape`,
+    ``html.escape``, ``DataFrame.to_html(escape=True)``): names read from the
+    storage (task, study, tuner, metric names) may hold any characters.
+    """
 
     def __init__(self):
         self.md: list[str] = []
         self.html: list[str] = []
 
     def heading(self, text: str, level: int = 2):
-        self.md.append(f"{'#' * level} {text}\n")
+        self.md.append(f"{'#' * level} {markdown_escape(text)}\n")
         self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
 
     def para(self, text: str):
-        self.md.append(text + "\n")
+        self.md.append(markdown_escape(text) + "\n")
         self.html.append(f"<p>{html.escape(text)}</p>")
 
     def bullets(self, items: list[str]):
-        self.md.append("\n".join(f"- {i}" for i in items) + "\n")
+        self.md.append("\n".join(f"- {markdown_escape(i)}" for i in items) + "\n")
         self.html.append("<ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in items) + "</ul>")
 
     def table(self, df: pd.DataFrame, floatfmt: str = ".4g"):
@@ -505,7 +541,7 @@ class _Doc:
         )
 
     def image(self, file: str, caption: str):
-        self.md.append(f"![{caption}]({file})\n\n*{caption}*\n")
+        self.md.append(f"![{markdown_escape(caption)}]({file})\n\n*{markdown_escape(caption)}*\n")
         self.html.append(
             f'<figure><img src="{html.escape(file)}" alt="{html.escape(caption)}" style="max-width:100%">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>"
@@ -595,6 +631,7 @@ def build_report(storage, task_name: str, out_dir, *, tuners=None, seeds=None) -
     )
     doc.heading("Configuration")
     storage_text = mask_url(storage) if isinstance(storage, str) else type(storage).__name__
+    dashboard = dashboard_command(storage if isinstance(storage, str) else "<storage URL>")
     cfg = []
     for tuner, g in seeds_df.groupby("tuner", sort=False):
         cfg.append(
@@ -613,8 +650,8 @@ def build_report(storage, task_name: str, out_dir, *, tuners=None, seeds=None) -
                 f"{'>=' if target.mode == 'max' else '<='} {target.value:g}"
             ),
             (
-                f"storage: {storage_text} (open it with optuna-dashboard; studies are named "
-                f"{task_name}/<tuner>/seed<k>)"
+                f"storage: {storage_text} (studies are named {task_name}/<tuner>/seed<k>; "
+                f"see them with: {dashboard})"
             ),
             (
                 "budget: FATHOM gets one training run; every baseline gets the same tuning "

@@ -1,0 +1,89 @@
+"""Checks shared by the ``studies`` command lines, run before anything is written.
+
+Each returns why an option cannot be used, or None, without creating a file
+or a directory; the command line reports it with ``parser.error`` (exit
+status 2, the option named).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import tempfile
+
+import sqlalchemy.engine
+
+from fathom_tune._storage import mask_url
+
+__all__ = ["dashboard_command", "storage_problem", "unwritable_reason"]
+
+SQLITE = "sqlite:///"
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # what fathom_tune.open_storage takes for a URL
+
+
+def dashboard_command(storage: str) -> str:
+    """The command that shows ``storage`` in optuna-dashboard, bound to localhost only.
+
+    >>> dashboard_command("postgresql://bob:secret@db/optuna")
+    'optuna-dashboard --host 127.0.0.1 postgresql://bob:***@db/optuna'
+    """
+    return f"optuna-dashboard --host 127.0.0.1 {mask_url(storage)}"
+
+
+def unwritable_reason(path: pathlib.Path) -> str | None:
+    """Why ``path`` cannot become a writable directory, or None.
+
+    The nearest existing ancestor must be a directory in which a file can be
+    created (probed with a temporary file that is removed at once).
+    """
+    path = pathlib.Path(path).absolute()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{str(probe)!r} is a file, not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        return f"directory {str(probe)!r} is not writable ({exc.strerror or exc})"
+    return None
+
+
+def storage_problem(storage: str) -> str | None:
+    """Why ``storage`` (a ``--storage`` value) cannot be opened, or None.
+
+    ``sqlite:///<path>``: the path must not be a directory, and its directory
+    must exist or be creatable. Another URL: its scheme must name an
+    SQLAlchemy dialect (a server is only reached when the storage is opened).
+    A journal file path: not a directory, in an existing directory. The
+    message masks any password (:func:`fathom_tune._storage.mask_url`).
+
+    >>> storage_problem("sqlite:///reports/x.db") is None
+    True
+    >>> print(storage_problem("nosuchdb://bob:secret@host/x"))  # doctest: +ELLIPSIS
+    'nosuchdb://bob:***@host/x' is not an Optuna RDB URL (NoSuchModuleError: ...)
+    """
+    shown = repr(mask_url(storage))
+    if storage.startswith(SQLITE):
+        db = pathlib.Path(storage[len(SQLITE) :])
+        if db.exists() and not db.is_file():
+            return f"{shown}: {str(db)!r} is not a file"
+        why = unwritable_reason(db.parent)
+        return f"{shown}: {why}" if why else None
+    if _URL.match(storage):
+        try:
+            sqlalchemy.engine.make_url(storage).get_dialect()
+        except Exception as exc:  # noqa: BLE001 - parse and plugin errors alike
+            return f"{shown} is not an Optuna RDB URL ({type(exc).__name__}: {mask_url(str(exc))})"
+        return None
+    path = pathlib.Path(storage)
+    if path.is_dir():
+        return f"{shown} is a directory; give a journal file path or a URL"
+    if not path.parent.is_dir():
+        return f"{shown}: directory {str(path.parent)!r} does not exist"
+    if not path.exists():
+        return unwritable_reason(path.parent)
+    return None
