@@ -190,6 +190,37 @@ def test_partial_fathom_study_is_run_again(tmp_path):
     assert (tmp_path / "digits" / "report.md").exists()
 
 
+def test_interrupted_fathom_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    from optuna.trial import TrialState
+
+    from fathom_tune.engine import Engine
+
+    url = f"sqlite:///{tmp_path / 'compare.db'}"
+    argv = ["--rounds", "6", "--seeds", "0", "--tuners", "fathom", "--no-progress"]
+    argv += ["--storage", url, "--out", str(tmp_path)]
+    real = Engine.run_round
+
+    def die_in_round_3(self, state, hparams):
+        if state.round == 3:
+            raise KeyboardInterrupt
+        return real(self, state, hparams)
+
+    monkeypatch.setattr(Engine, "run_round", die_in_round_3)
+    with pytest.raises(KeyboardInterrupt):
+        compare.main(argv)
+    first = optuna.load_study(study_name="digits/fathom/seed0", storage=url).trials
+    assert (tmp_path / "checkpoints" / "digits-fathom-seed0.npz").exists()
+    monkeypatch.setattr(Engine, "run_round", real)
+    capsys.readouterr()
+    assert compare.main(argv) == 0
+    assert "digits/fathom/seed0: resumed from digits-fathom-seed0.npz" in capsys.readouterr().out
+    trials = optuna.load_study(study_name="digits/fathom/seed0", storage=url).trials
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert [t.user_attrs["round"] for t in done] == list(range(6))
+    assert [t.value for t in done[:3]] == [t.value for t in first[:3]]
+    assert [t.state for t in trials if t.state != TrialState.COMPLETE] == [TrialState.FAIL]
+
+
 def _handmade(storage) -> None:
     """A FATHOM study (one trial per round) and a baseline study (two runs of 4 rounds)."""
     from optuna.distributions import FloatDistribution
