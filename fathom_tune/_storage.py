@@ -7,7 +7,13 @@ import pathlib
 import re
 
 import optuna
-from optuna.storages import BaseStorage, JournalStorage, RetryHeartbeatStaleTrialCallback
+import sqlalchemy
+from optuna.storages import (
+    BaseStorage,
+    JournalStorage,
+    RDBStorage,
+    RetryHeartbeatStaleTrialCallback,
+)
 from optuna.storages.journal import JournalFileBackend
 
 __all__ = ["mask_url", "open_storage"]
@@ -22,6 +28,34 @@ def mask_url(url: str) -> str:
     'postgresql://bob:***@db:5432/optuna'
     """
     return re.sub(r"(://[^:/@]+:)[^@/]+@", r"\1***@", url)
+
+
+class _SQLiteStorage(RDBStorage):
+    """An ``RDBStorage`` whose SQLite transactions are real and exclusive.
+
+    Python's ``sqlite3`` module starts a transaction only at the first write,
+    so Optuna's read-check-write steps (failing a stale trial, claiming a
+    WAITING one) race between processes: two workers both see a stale trial
+    RUNNING, both fail it, and both enqueue a retry. Here every transaction
+    opens with ``BEGIN IMMEDIATE``, which takes SQLite's write lock before the
+    read, so those steps run one process at a time. ``timeout`` (seconds) is
+    how long a worker waits for that lock.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 60, **kwargs) -> None:
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": timeout, "isolation_level": None}}
+        super().__init__(url, **kwargs)
+        _begin_immediate(self.engine)
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        _begin_immediate(self.engine)
+
+
+def _begin_immediate(engine) -> None:
+    # The driver no longer issues BEGIN itself (isolation_level=None), so
+    # each transaction SQLAlchemy begins is opened here instead.
+    sqlalchemy.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
 
 
 def open_storage(
@@ -40,7 +74,10 @@ def open_storage(
             silent for ``grace_period`` (its worker was killed) is failed and
             retried once, with its intermediate values, by the next worker
             that starts a trial (Optuna's ``RetryHeartbeatStaleTrialCallback``).
-            SQLite URLs also get a 60 s lock timeout for concurrent workers.
+
+            SQLite URLs open with transactions that take the database's write
+            lock before they read (``BEGIN IMMEDIATE``) and wait up to 60 s
+            for it, so concurrent workers never fail or claim one trial twice.
 
     Raises:
         ValueError: naming the argument and the (password-masked) value when
@@ -62,18 +99,17 @@ def open_storage(
         )
     if _URL.match(storage):
         try:
-            if heartbeat is None:
-                return optuna.storages.get_storage(storage)
-            interval, grace = heartbeat
-            return optuna.storages.RDBStorage(
-                storage,
-                engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None,
-                heartbeat_interval=interval,
-                grace_period=grace,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+            kwargs = {}
+            if heartbeat is not None:
+                kwargs["heartbeat_interval"], kwargs["grace_period"] = heartbeat
+                kwargs["heartbeat_stale_trial_callback"] = RetryHeartbeatStaleTrialCallback(
                     max_retry=1, inherit_intermediate_values=True
-                ),
-            )
+                )
+            if storage.startswith("sqlite"):
+                return _SQLiteStorage(storage, **kwargs)
+            if not kwargs:
+                return optuna.storages.get_storage(storage)
+            return RDBStorage(storage, **kwargs)
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy, driver and URL errors alike
             raise ValueError(
                 f"{argument}={mask_url(storage)!r} cannot be opened as an Optuna RDB storage: "
@@ -81,10 +117,14 @@ def open_storage(
             ) from None
     path = pathlib.Path(storage)
     if path.is_dir():
-        raise ValueError(f"{argument}={storage!r} is a directory; give a journal file path or a URL")
+        raise ValueError(
+            f"{argument}={storage!r} is a directory; give a journal file path or a URL"
+        )
     if not path.parent.is_dir():
         raise ValueError(f"{argument}={storage!r}: directory {str(path.parent)!r} does not exist")
     try:
         return JournalStorage(JournalFileBackend(str(path)))
     except OSError as exc:
-        raise ValueError(f"{argument}={storage!r} cannot be opened as a journal file: {exc}") from None
+        raise ValueError(
+            f"{argument}={storage!r} cannot be opened as a journal file: {exc}"
+        ) from None

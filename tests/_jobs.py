@@ -7,6 +7,10 @@ one random-search worker on it. With ``stall`` = 1 the job hangs at a known
 point (FATHOM: inside round ``STALL_ROUND``, its trial running; baseline:
 right after its first checkpoint), where the test kills it; toy rounds take
 milliseconds, so a kill timed from outside would miss them.
+``python tests/_jobs.py stale <storage> <ready_file> <go_file>`` opens the
+storage, touches ``ready_file``, waits for ``go_file`` and then, at the same
+moment as its siblings, fails stale trials and asks for one trial, printing
+its number.
 """
 
 import pathlib
@@ -84,5 +88,17 @@ def baseline(
     )
 
 
+def stale(storage: str, ready_file: str, go_file: str) -> None:
+    study = optuna.load_study(
+        study_name="race", storage=fathom_tune.open_storage(storage, heartbeat=(1, 2))
+    )
+    pathlib.Path(ready_file).touch()
+    go = pathlib.Path(go_file)
+    while not go.exists():
+        pass
+    optuna.storages.fail_stale_trials(study)
+    print(study.ask().number, flush=True)
+
+
 if __name__ == "__main__":
-    {"fathom": fathom, "baseline": baseline}[sys.argv[1]](*sys.argv[2:])
+    {"fathom": fathom, "baseline": baseline, "stale": stale}[sys.argv[1]](*sys.argv[2:])

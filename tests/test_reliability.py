@@ -223,6 +223,37 @@ def test_checkpoint_is_written_atomically_and_loads_without_pickle(tmp_path, mon
 # ------------------------------------------------------------ baselines
 
 
+def test_simultaneous_workers_fail_and_claim_a_stale_trial_once(tmp_path):
+    # Four workers find the same stale trial at the same moment. Each may
+    # fail it, but only one retry may be enqueued, and that retry (WAITING)
+    # may be claimed by one worker only.
+    url = f"sqlite:///{tmp_path}/s.db"
+    storage = fathom_tune.open_storage(url)  # the workers' storages have the heartbeat
+    study = optuna.create_study(study_name="race", storage=storage)
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    storage.record_heartbeat(dead._trial_id)
+    time.sleep(2.5)  # the heartbeat is now older than the 2 s grace period
+    go = tmp_path / "go"
+    workers = [_start("stale", url, tmp_path / f"ready{w}", go) for w in range(4)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{w}").exists() for w in range(4)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in workers)
+        time.sleep(0.05)
+    go.touch()
+    numbers = []
+    for proc in workers:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out.decode()[-3000:]
+        numbers.append(int(out.split()[-1]))
+    trials = optuna.load_study(study_name="race", storage=url).trials
+    assert trials[dead.number].state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retries) == 1 and retries[0].params == dead.params
+    # Every worker got its own trial, and one of them got the retry.
+    assert sorted(numbers) == [1, 2, 3, 4]
+    assert len(trials) == 5 and retries[0].number in numbers
+
+
 def test_four_workers_one_sigkilled_lose_and_duplicate_nothing(tmp_path):
     url, ckdir, budget = f"sqlite:///{tmp_path}/s.db", tmp_path / "ck", 8 * 14
     ckdir.mkdir()

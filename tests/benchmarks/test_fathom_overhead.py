@@ -12,7 +12,7 @@ import optuna
 import pytest
 
 import fathom_tune
-from fathom_tune import FathomConfig, FathomSampler
+from fathom_tune import FathomConfig, FathomSampler, ServerTracker
 from fathom_tune._optimize import _FathomSchedule
 from fathom_tune.engine import Engine
 from fathom_tune.loop import Static, run
@@ -40,7 +40,7 @@ def fathom_schedule(engine):
     )
     sampler = FathomSampler(init=task.init_hparams, bounds=task.bounds, config=config)
     study = optuna.create_study(sampler=sampler)
-    return _FathomSchedule(study, sampler, engine.init().params)
+    return _FathomSchedule(study, sampler, ServerTracker.init(engine.init().params))
 
 
 @pytest.mark.parametrize("tuner", ["fedavg", "fathom"])
@@ -48,7 +48,9 @@ def test_round_time_with_and_without_fathom(benchmark, engine, tuner):
     rounds = ROUNDS_PER_RUN[engine.task.name]
 
     def one_run():
-        schedule = Static(engine.task.init_hparams) if tuner == "fedavg" else fathom_schedule(engine)
+        schedule = (
+            Static(engine.task.init_hparams) if tuner == "fedavg" else fathom_schedule(engine)
+        )
         return run(engine, schedule, num_rounds=rounds, eval_every=1000)
 
     benchmark.group = f"{rounds} rounds on {engine.task.name}"
