@@ -180,7 +180,9 @@ class RoundResult:
         """Whether the loss and the update are finite (no divergence)."""
         if not math.isfinite(self.train_loss):
             return False
-        return bool(all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(self.update)))
+        return bool(
+            all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(self.update))
+        )
 
 
 class _Programs:
@@ -216,14 +218,25 @@ class _Programs:
                 # grouped convolution, several times slower on XLA:CPU.
                 first = functools.partial(jax.tree_util.tree_map, operator.itemgetter(0))
                 out = one_step(
-                    x0, first(params), phi[0], loss_sum[0], first(batch), ex_mask, on[0], keys[0], eta, inv_b
+                    x0,
+                    first(params),
+                    phi[0],
+                    loss_sum[0],
+                    first(batch),
+                    ex_mask,
+                    on[0],
+                    keys[0],
+                    eta,
+                    inv_b,
                 )
                 return jax.tree_util.tree_map(lambda a: a[None], out)
             return jax.vmap(one_step, in_axes=(None, 0, 0, 0, 0, None, 0, 0, None, None))(
                 x0, params, phi, loss_sum, batch, ex_mask, on, keys, eta, inv_b
             )
 
-        def local_steps(x0, params, phi, loss_sum, batches, ex_mask, active, seed, rnd, cidx, step0, eta, inv_b):
+        def local_steps(
+            x0, params, phi, loss_sum, batches, ex_mask, active, seed, rnd, cidx, step0, eta, inv_b
+        ):
             self._count("local_steps")
             base = jax.random.fold_in(jax.random.PRNGKey(seed), rnd)
             keys = jax.vmap(lambda c: jax.random.fold_in(base, c))(cidx)
@@ -258,9 +271,15 @@ class _Programs:
             def body(stat, batch):
                 mask = batch[fedjax.EXAMPLE_MASK_KEY].astype(jnp.bool_)
                 pred = model.apply_for_eval(params, batch)
-                new = {k: fedjax.metrics.evaluate_batch(m, batch, pred, mask) for k, m in model.eval_metrics.items()}
+                new = {
+                    k: fedjax.metrics.evaluate_batch(m, batch, pred, mask)
+                    for k, m in model.eval_metrics.items()
+                }
                 return jax.tree_util.tree_map(
-                    lambda a, b: a.merge(b), stat, new, is_leaf=lambda v: isinstance(v, fedjax.metrics.Stat)
+                    lambda a, b: a.merge(b),
+                    stat,
+                    new,
+                    is_leaf=lambda v: isinstance(v, fedjax.metrics.Stat),
                 ), None
 
             stat = {k: m.zero() for k, m in model.eval_metrics.items()}
@@ -282,6 +301,23 @@ class _Programs:
         self.compiles[name] = self.compiles.get(name, 0) + 1
 
 
+LARGE_MODEL_EQNS = 200
+"""Above this many operations in one example's forward pass (nested ones
+counted), the automatic ``client_block`` on XLA:CPU is 1. The small
+Shakespeare LSTM has 657, the digits and synthetic models 17 and 4."""
+
+
+def _count_eqns(jaxpr) -> int:
+    """Operations in ``jaxpr``, including those inside nested calls."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += 1
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", None)
+            if inner is not None:
+                total += _count_eqns(getattr(inner, "jaxpr", inner))
+    return total
+
 
 @functools.lru_cache(maxsize=64)
 def _programs(model, server_optimizer, client_block: int, steps_per_call: int) -> _Programs:
@@ -299,10 +335,13 @@ class Engine:
         buckets: ascending batch-size ladder (see :func:`default_buckets`);
             the largest must hold the task's upper batch-size bound.
         client_block: clients trained together with ``jax.vmap``. ``None``
-            (auto) trains all clients of a round at once, except for models
-            with convolutions on XLA:CPU, which run one client at a time (a
-            vmapped convolution with per-client kernels becomes a grouped
-            convolution there, measured several times slower; BENCHMARKS.md).
+            (auto) trains all clients of a round at once, except on XLA:CPU
+            for models with convolutions (a vmapped convolution with
+            per-client kernels becomes a grouped convolution there, measured
+            several times slower) and for models with long forward passes
+            (more than :data:`LARGE_MODEL_EQNS` operations per example, e.g.
+            an unrolled LSTM: compiled far slower vmapped), which run one
+            client at a time (BENCHMARKS.md).
         steps_per_call: local steps unrolled into one compiled call; steps
             past a client's ``K_i`` in its last call are computed and masked.
             ``None`` (auto): 1 when clients run one at a time (compute-bound
@@ -344,9 +383,14 @@ class Engine:
                 f"got {type(server_optimizer).__name__}"
             )
         buckets = tuple(default_buckets() if buckets is None else buckets)
-        if not buckets or any(
-            isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in buckets
-        ) or list(buckets) != sorted(set(buckets)):
+        if (
+            not buckets
+            or any(
+                isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1
+                for b in buckets
+            )
+            or list(buckets) != sorted(set(buckets))
+        ):
             raise ValueError(f"buckets must be strictly ascending ints >= 1, got {buckets!r}")
         widest = task.bounds.upper.batch_int
         if buckets[-1] < widest:
@@ -365,7 +409,7 @@ class Engine:
         self._client_sizes = np.array([task.train.client_size(c) for c in self._client_ids])
         self._examples: dict[int, Mapping[str, np.ndarray]] = {}
         if client_block is None:
-            one_at_a_time = jax.default_backend() == "cpu" and self._has_convolution()
+            one_at_a_time = jax.default_backend() == "cpu" and self._one_at_a_time_on_cpu()
             client_block = 1 if one_at_a_time else self.clients_per_round
         block = check_positive_int("client_block", client_block)
         self.client_block = min(block, self.clients_per_round)
@@ -373,16 +417,29 @@ class Engine:
             steps_per_call = 1 if self.client_block == 1 else 4
         self.steps_per_call = check_positive_int("steps_per_call", steps_per_call)
         self._eval_batches: dict[str, list] = {}
-        self._programs = _programs(task.model, server_optimizer, self.client_block, self.steps_per_call)
+        self._programs = _programs(
+            task.model, server_optimizer, self.client_block, self.steps_per_call
+        )
         params = jax.eval_shape(task.model.init, jax.random.PRNGKey(0))
-        self.param_bytes = int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)))
+        self.param_bytes = int(
+            sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+        )
 
-    def _has_convolution(self) -> bool:
+    def _one_at_a_time_on_cpu(self) -> bool:
+        """Whether XLA:CPU should train this model one client at a time.
+
+        Yes for convolutions (see ``client_block``) and for models whose
+        forward pass on one example is longer than :data:`LARGE_MODEL_EQNS`
+        operations, such as FedJAX's statically unrolled LSTMs: vmapping
+        them over clients multiplied compile time and slowed each round
+        (small Shakespeare, BENCHMARKS.md: 102 s to compile one bucket with
+        10 clients vmapped and 8 steps per call, 28 s one client at a time).
+        """
         model = self.task.model
         sample = {k: v[:1] for k, v in self._client_examples(0).items()}
         params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
         jaxpr = jax.make_jaxpr(model.apply_for_train)(params, sample, jax.random.PRNGKey(0))
-        return "conv_general_dilated" in str(jaxpr)
+        return "conv_general_dilated" in str(jaxpr) or _count_eqns(jaxpr.jaxpr) > LARGE_MODEL_EQNS
 
     # ----------------------------------------------------------------- programs
     @property
@@ -445,7 +502,9 @@ class Engine:
             k_block = int(steps[members].max())
             n_calls = -(-k_block // s_call)
             plans = [
-                self._batch_plan(int(sampled[m]), rnd, int(steps[m]), b_int, n_calls * s_call, bucket)
+                self._batch_plan(
+                    int(sampled[m]), rnd, int(steps[m]), b_int, n_calls * s_call, bucket
+                )
                 for m in members
             ]
             params = self._programs.broadcast(x0)
@@ -460,8 +519,19 @@ class Engine:
                 sl = slice(call * s_call, (call + 1) * s_call)
                 batches = self._gather(members, sampled, plans, sl, p_block)
                 params, phi_b, loss_b = self._programs.local_steps(
-                    x0, params, phi_b, loss_b, batches, ex_mask, active_all[:, sl],
-                    self.seed, rnd, cidx, call * s_call, eta, inv_b,
+                    x0,
+                    params,
+                    phi_b,
+                    loss_b,
+                    batches,
+                    ex_mask,
+                    active_all[:, sl],
+                    self.seed,
+                    rnd,
+                    cidx,
+                    call * s_call,
+                    eta,
+                    inv_b,
                 )
             w = np.zeros(p_block, np.float32)
             w[: len(members)] = weights_all[members]

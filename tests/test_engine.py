@@ -1,6 +1,8 @@
 import math
 
+import _toy
 import fedjax
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,7 +131,9 @@ def test_client_sampling_is_a_function_of_seed_and_round():
     assert a == b
     assert all(len(set(s)) == 10 and min(s) >= 0 and max(s) < 100 for s in a)
     assert len(set(a)) == 20  # rounds differ
-    counts = np.bincount(np.concatenate([sample_clients(0, r, 10, 3) for r in range(3000)]), minlength=10)
+    counts = np.bincount(
+        np.concatenate([sample_clients(0, r, 10, 3) for r in range(3000)]), minlength=10
+    )
     # Uniform: each of 10 clients is picked with probability 3/10 per round.
     assert np.all(np.abs(counts / 3000 - 0.3) < 0.03)
 
@@ -140,7 +144,10 @@ def test_batch_size_sweep_compiles_a_bounded_number_of_programs():
     s = eng.init()
     for b in np.geomspace(4, 256, 40):
         s, _ = eng.run_round(s, HParams(0.05, 0.5, float(b)))
-    buckets_met = {bucket_size(HParams(0.05, 0.5, float(b)).batch_int, default_buckets()) for b in np.geomspace(4, 256, 40)}
+    buckets_met = {
+        bucket_size(HParams(0.05, 0.5, float(b)).batch_int, default_buckets())
+        for b in np.geomspace(4, 256, 40)
+    }
     assert eng.compile_counts["local_steps"] == len(buckets_met) <= 13
     before = eng.compile_count
     for lr, e in [(0.01, 0.2), (0.3, 3.0), (0.001, 9.0)]:
@@ -153,7 +160,9 @@ def test_server_optimizer_sees_the_mean_update_as_a_gradient():
     eng = Engine(task, seed=0, server_optimizer=optax.sgd(0.5))
     s = eng.init()
     s2, res = eng.run_round(s, HParams(0.1, 1.0, 10.0))
-    np.testing.assert_allclose(flat(s2.params), flat(s.params) - 0.5 * flat(res.update), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        flat(s2.params), flat(s.params) - 0.5 * flat(res.update), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_cost_counts_bytes_examples_and_steps():
@@ -178,7 +187,9 @@ def test_evaluate_matches_fedjax_evaluate_model():
     s = eng.init()
     s, _ = eng.run_round(s, HParams(0.1, 1.0, 10.0))
     ours = eng.evaluate(s.params, "validation")
-    batches = fedjax.padded_batch_client_datasets([ds for _, ds in task.validation.clients()], batch_size=16)
+    batches = fedjax.padded_batch_client_datasets(
+        [ds for _, ds in task.validation.clients()], batch_size=16
+    )
     ref = fedjax.evaluate_model(task.model, s.params, batches)
     assert set(ours) == {"loss", "accuracy"}
     for k in ours:
@@ -228,7 +239,9 @@ def test_run_round_and_evaluate_reject_bad_arguments():
         Engine("digits")
     big = toy_task(sizes=(4,) * 3, clients_per_round=1)
     with pytest.raises(ValueError, match="largest bucket"):
-        Engine(big, buckets=(1, 2, 4)).run_round(ServerState(s.params, None), HParams(0.1, 1.0, 8.0))
+        Engine(big, buckets=(1, 2, 4)).run_round(
+            ServerState(s.params, None), HParams(0.1, 1.0, 8.0)
+        )
 
 
 @pytest.mark.parametrize(
@@ -255,3 +268,35 @@ def test_cost_and_hparams_integer_conventions():
     assert HParams(0.1, 0.01, 20.0).local_steps(130) == 1  # at least one step
     assert HParams(0.1, 1.0, 20.0).local_steps(130) == 7  # ceil(6.5)
     assert Cost() + Cost(rounds=1) == Cost(rounds=1)
+
+
+def _unrolled_model(steps):
+    """A recurrent toy model: one tanh cell applied ``steps`` times, unrolled in Python."""
+
+    def forward(batch):
+        cell = hk.Linear(_toy.FEATURES)
+        h = batch["x"]
+        for _ in range(steps):
+            h = jax.nn.tanh(cell(h))
+        return hk.Linear(_toy.NUM_CLASSES)(h)
+
+    return fedjax.create_model_from_haiku(
+        transformed_forward_pass=hk.transform(forward),
+        sample_batch={"x": np.zeros((1, _toy.FEATURES), np.float32)},
+        train_loss=lambda batch, preds: fedjax.metrics.unreduced_cross_entropy_loss(
+            batch["y"], preds
+        ),
+        eval_metrics={"accuracy": fedjax.metrics.Accuracy()},
+    )
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the rule is for XLA:CPU")
+def test_cpu_trains_long_unrolled_models_one_client_at_a_time():
+    # Each unrolled step adds a few operations (dot, add, tanh...): 10 steps stay
+    # far below the threshold, 100 steps far above it.
+    short = Engine(toy_task(model=_unrolled_model(10)))
+    long = Engine(toy_task(model=_unrolled_model(100)))
+    assert (short.client_block, short.steps_per_call) == (4, 4)  # all 4 clients vmapped
+    assert (long.client_block, long.steps_per_call) == (1, 1)
+    # An explicit choice is kept.
+    assert Engine(toy_task(model=_unrolled_model(100)), client_block=2).client_block == 2

@@ -6,6 +6,11 @@ FATHOM's hyper learning rates are set to 0, so both runs use the task's
 initial hyperparameters every round and compile the same programs; the
 difference is what FATHOM adds per round: an Optuna trial (ask, suggest from
 storage, tell), the global hypergradient H and the moving average m.
+
+A third run, ``optuna-trial``, is FedAvg that also records each round as a
+bare in-memory Optuna trial (ask, three ``suggest_float`` from a fixed
+sampler, the same user attributes, tell) and nothing else: the part of
+FATHOM's cost that comes from the one-trial-per-round protocol itself.
 """
 
 import optuna
@@ -13,9 +18,10 @@ import pytest
 
 import fathom_tune
 from fathom_tune import FathomConfig, FathomSampler, ServerTracker
+from fathom_tune._hparams import NAMES
 from fathom_tune._optimize import _FathomSchedule
 from fathom_tune.engine import Engine
-from fathom_tune.loop import Static, run
+from fathom_tune.loop import Outcome, Static, run
 
 ROUNDS_PER_RUN = {"digits": 20, "shakespeare": 3}
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -43,15 +49,66 @@ def fathom_schedule(engine):
     return _FathomSchedule(study, sampler, ServerTracker.init(engine.init().params))
 
 
-@pytest.mark.parametrize("tuner", ["fedavg", "fathom"])
+class _Fixed(optuna.samplers.BaseSampler):
+    """Suggests one fixed set of values, with no reading of the study."""
+
+    def __init__(self, hparams):
+        self.values = {n: getattr(hparams, n) for n in NAMES}
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, name, distribution):
+        return self.values[name]
+
+
+class _TrialPerRound:
+    """FedAvg that records every round as a bare Optuna trial."""
+
+    def __init__(self, task):
+        self.study = optuna.create_study(sampler=_Fixed(task.init_hparams))
+        self.bounds = task.bounds
+        self.trial = None
+
+    def propose(self, round_index):
+        self.trial = self.study.ask()
+        self.trial.set_user_attr("round", round_index)
+        lower, upper = self.bounds.lower, self.bounds.upper
+        values = {
+            n: self.trial.suggest_float(n, getattr(lower, n), getattr(upper, n), log=True)
+            for n in NAMES
+        }
+        return fathom_tune.HParams(**values)
+
+    def observe(self, result, metrics, accepted):
+        for key, value in (
+            ("local_steps", int(result.local_steps.sum())),
+            ("examples", int(result.cost.examples)),
+            ("fathom.G", float(result.local_hypergradient)),
+            ("fathom.H", 0.0),
+        ):
+            self.trial.set_user_attr(key, value)
+        self.study.tell(self.trial, result.train_loss)
+        return Outcome()
+
+
+def schedule_for(tuner, engine):
+    if tuner == "fedavg":
+        return Static(engine.task.init_hparams)
+    if tuner == "optuna-trial":
+        return _TrialPerRound(engine.task)
+    return fathom_schedule(engine)
+
+
+@pytest.mark.parametrize("tuner", ["fedavg", "optuna-trial", "fathom"])
 def test_round_time_with_and_without_fathom(benchmark, engine, tuner):
     rounds = ROUNDS_PER_RUN[engine.task.name]
 
     def one_run():
-        schedule = (
-            Static(engine.task.init_hparams) if tuner == "fedavg" else fathom_schedule(engine)
-        )
-        return run(engine, schedule, num_rounds=rounds, eval_every=1000)
+        return run(engine, schedule_for(tuner, engine), num_rounds=rounds, eval_every=1000)
 
     benchmark.group = f"{rounds} rounds on {engine.task.name}"
     benchmark.extra_info["tuner"] = tuner
