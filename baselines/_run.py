@@ -30,18 +30,24 @@ trial with the same hyperparameters and intermediate values, which continues
 from the killed run's last checkpoint when ``checkpoint_dir`` is given. A
 stale trial costs nothing in the ledger (its retry records the whole run's
 cost), so the work between its last checkpoint and the kill is not counted.
-Workers take retries (WAITING trials) before anything else.
+Workers take retries (WAITING trials) before anything else. Failing the stale
+trial and creating its retry are two writes; between them the failed trial
+keeps its full reservation (for at most ``RETRY_WAIT`` seconds after it
+failed), so no worker spends the killed trial's budget on a new trial and
+then finds no room for the retry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 from collections.abc import Sequence
 
 import numpy as np
 import optuna
 import pandas as pd
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
@@ -82,6 +88,43 @@ WORKER_ATTR = "worker"
 
 _RESERVED_ROUNDS = "reserved_rounds"
 _RESERVED_EXAMPLES = "reserved_examples"
+
+RETRY_WAIT = 60.0
+"""Seconds a trial failed as stale keeps its reservation while its retry is not there."""
+
+
+def _retries_stale_trials(study: optuna.Study) -> bool:
+    """Whether the study's storage fails stale trials and retries them."""
+    storage = study._storage
+    return (
+        isinstance(storage, BaseHeartbeat)
+        and storage.get_heartbeat_interval() is not None
+        and storage.get_heartbeat_stale_trial_callback() is not None
+    )
+
+
+def _awaiting_retry(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of failed trials that look stale-failed and whose retry does not exist yet.
+
+    A stale trial failed by Optuna's heartbeat has no recorded cost and no
+    ``not_run`` mark and is not itself a retry (one retry per trial); its
+    retry names it in the ``failed_trial`` system attr.
+    """
+    retried = {
+        t.system_attrs.get("failed_trial") for t in trials if "retry_history" in t.system_attrs
+    }
+    now = datetime.datetime.now()
+    return {
+        t.number
+        for t in trials
+        if t.state == TrialState.FAIL
+        and t.number not in retried
+        and "retry_history" not in t.system_attrs
+        and NOT_RUN_ATTR not in t.user_attrs
+        and "rounds" not in t.user_attrs
+        and t.datetime_complete is not None
+        and (now - t.datetime_complete).total_seconds() < RETRY_WAIT
+    }
 
 
 def _target(study: optuna.Study) -> Target:
@@ -262,11 +305,18 @@ class _Budget:
             self.cheapest = cheapest_examples(task, space, seed=seed)
             self.costliest = costliest_examples(task, task.bounds, seed=seed)
 
-    def committed(self, trials: Sequence[FrozenTrial], below: int | None = None) -> tuple[int, int]:
-        """Rounds and examples of finished trials plus full reservations of running ones."""
+    def committed(
+        self, trials: Sequence[FrozenTrial], below: int | None = None, retrying: bool = False
+    ) -> tuple[int, int]:
+        """Rounds and examples of finished trials plus full reservations of running ones.
+
+        With ``retrying`` (the storage retries stale trials), a stale-failed
+        trial whose retry is not there yet still counts as running.
+        """
         rounds = examples = 0
+        waiting_for_retry = _awaiting_retry(trials) if retrying else set()
         for t in trials:
-            if t.state.is_finished():
+            if t.state.is_finished() and t.number not in waiting_for_retry:
                 c = ledger(t)
                 rounds, examples = rounds + c.rounds, examples + c.examples
             elif below is None or t.number < below:
@@ -285,7 +335,7 @@ class _Budget:
             return f"the grid's {self.max_trials} configurations have all been started"
         if any(t.user_attrs.get(NOT_RUN_ATTR, {}).get("budget") == self.record for t in trials):
             return "a trial was already refused under this budget"
-        rounds, examples = self.committed(trials)
+        rounds, examples = self.committed(trials, retrying=_retries_stale_trials(study))
         if rounds + self.task.num_rounds > self.rounds:
             return (
                 f"{self.rounds - rounds} of budget_rounds={self.rounds} left, "
@@ -305,7 +355,9 @@ class _Budget:
         if self.examples is not None:
             trial.set_user_attr(_RESERVED_EXAMPLES, need.examples)
         trials = trial.study.get_trials(deepcopy=False)
-        rounds, examples = self.committed(trials, below=trial.number)
+        rounds, examples = self.committed(
+            trials, below=trial.number, retrying=_retries_stale_trials(trial.study)
+        )
         reason = None
         retry = "retry_history" in trial.study._storage.get_trial_system_attrs(trial._trial_id)
         if self.max_trials is not None and trial.number >= self.max_trials and not retry:
@@ -444,7 +496,9 @@ def run(
     objective = Objective(
         task, seed=seed, space=space, on_start=on_start, checkpoint_dir=checkpoint_dir
     )
-    opened = fathom_tune.open_storage(storage, heartbeat=heartbeat)  # the first thing that may write
+    opened = fathom_tune.open_storage(
+        storage, heartbeat=heartbeat
+    )  # the first thing that may write
 
     sname = fathom_tune.make_study_name(task.name, name, seed)
     direction = "maximize" if task.target.mode == "max" else "minimize"

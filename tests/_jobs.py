@@ -6,7 +6,9 @@ baseline <storage> <checkpoint_dir> <worker> <budget_rounds> <stall>`` runs
 one random-search worker on it. With ``stall`` = 1 the job hangs at a known
 point (FATHOM: inside round ``STALL_ROUND``, its trial running; baseline:
 right after its first checkpoint), where the test kills it; toy rounds take
-milliseconds, so a kill timed from outside would miss them.
+milliseconds, so a kill timed from outside would miss them. Baseline workers
+wait 3 s between failing a stale trial and creating its retry, so that the
+other workers act in that moment.
 ``python tests/_jobs.py stale <storage> <ready_file> <go_file>`` opens the
 storage, touches ``ready_file``, waits for ``go_file`` and then, at the same
 moment as its siblings, fails stale trials and asks for one trial, printing
@@ -75,6 +77,15 @@ def baseline(
             _hang()
 
         baselines._objective.save_checkpoint = save_then_hang
+    # Widen the moment between a stale trial's FAIL and its retry's creation
+    # (two transactions) so that other workers act inside it.
+    real_retry = optuna.storages.RetryHeartbeatStaleTrialCallback.__call__
+
+    def slow_retry(self, study, trial):
+        time.sleep(3)
+        real_retry(self, study, trial)
+
+    optuna.storages.RetryHeartbeatStaleTrialCallback.__call__ = slow_retry
     baselines.run(
         short_toy(),
         "random",

@@ -67,6 +67,16 @@ def _trials(url: str, name: str):
         return []
 
 
+def _table(trials) -> str:
+    """The trials, one line each, for a failing assertion's message."""
+    return "\n".join(
+        f"{t.number} {t.state.name} worker={t.user_attrs.get('worker')} "
+        f"rounds={t.user_attrs.get('rounds')} not_run={t.user_attrs.get('not_run')} "
+        f"retry_of={t.system_attrs.get('failed_trial')} done={t.datetime_complete}"
+        for t in trials
+    )
+
+
 def _rounds(trials) -> dict[int, list]:
     out: dict[int, list] = {}
     for t in trials:
@@ -254,6 +264,48 @@ def test_simultaneous_workers_fail_and_claim_a_stale_trial_once(tmp_path):
     assert len(trials) == 5 and retries[0].number in numbers
 
 
+def test_a_stale_trial_keeps_its_budget_until_its_retry_exists(tmp_path, monkeypatch):
+    # Optuna fails a stale trial and creates its retry in two writes. In between,
+    # the failed trial must still hold its reservation, or another worker could
+    # start a new trial with it and leave no room for the retry.
+    task, url = short_toy(), f"sqlite:///{tmp_path}/s.db"
+    storage = fathom_tune.open_storage(url, heartbeat=(1, 2))
+    study = optuna.create_study(study_name="b", storage=storage, direction="maximize")
+    budget = baselines._run._Budget(task, SPACE, seed=0, rounds=16, examples=None, max_trials=None)
+    done = optuna.trial.create_trial(
+        params={"learning_rate": 0.1, "local_epochs": 1.0, "batch_size": 8.0},
+        distributions={
+            n: optuna.distributions.FloatDistribution(0.01, 20.0) for n in SPACE.lower.as_dict()
+        },
+        value=0.5,
+        user_attrs={"rounds": 8},
+    )
+    study.add_trial(done)  # 8 of the 16 rounds spent
+    with pytest.warns(UserWarning, match="Heartbeat"):
+        dead = study.ask()
+    storage.record_heartbeat(dead._trial_id)
+    assert budget.stop_reason(study) is not None  # the running trial holds the other 8
+    # Its worker dies; the trial is failed as stale, its retry not yet created.
+    storage.set_trial_state_values(dead._trial_id, TrialState.FAIL)
+    assert budget.stop_reason(study) is not None
+    assert budget.committed(study.get_trials(), retrying=True) == (16, 0)
+    # Once the retry exists, it holds the reservation and is taken first.
+    storage.get_heartbeat_stale_trial_callback()(study, study.trials[dead.number])
+    (retry,) = study.get_trials(states=(TrialState.WAITING,))
+    assert retry.system_attrs["failed_trial"] == dead.number
+    assert budget.stop_reason(study) is None
+    assert budget.committed(study.get_trials(), retrying=True) == (16, 0)
+    # A failed trial whose retry never came (its worker died in between) stops
+    # holding budget after RETRY_WAIT seconds.
+    storage.set_trial_state_values(retry._trial_id, TrialState.FAIL, None)
+    with pytest.warns(UserWarning, match="Heartbeat"):
+        gone = study.ask()
+    storage.set_trial_state_values(gone._trial_id, TrialState.FAIL)
+    assert budget.committed(study.get_trials(), retrying=True) == (16, 0)
+    monkeypatch.setattr(baselines._run, "RETRY_WAIT", 0.0)
+    assert budget.committed(study.get_trials(), retrying=True) == (8, 0)
+
+
 def test_four_workers_one_sigkilled_lose_and_duplicate_nothing(tmp_path):
     url, ckdir, budget = f"sqlite:///{tmp_path}/s.db", tmp_path / "ck", 8 * 14
     ckdir.mkdir()
@@ -303,7 +355,7 @@ def test_four_workers_one_sigkilled_lose_and_duplicate_nothing(tmp_path):
     # The killed trial failed and was retried exactly once, with its hyperparameters, to completion.
     assert by_number[killed.number].state == TrialState.FAIL
     retries = [t for t in trials if t.number != killed.number and origin(t) == killed.number]
-    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE, _table(trials)
     retry = retries[0]
     assert retry.params == killed.params
     # The retry continued from the checkpoint and ended where an uninterrupted run ends.
