@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -327,7 +328,9 @@ class _Budget:
 
     def stop_reason(self, study: optuna.Study) -> str | None:
         """Why no further trial may start, or None."""
-        optuna.storages.fail_stale_trials(study)  # no-op without an RDB heartbeat
+        with warnings.catch_warnings():  # a deliberate use, not news for every trial
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # no-op without an RDB heartbeat
         trials = study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):
             return None  # a retry, already reserved

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import warnings
 
 import optuna
 import sqlalchemy
@@ -58,6 +59,20 @@ def _begin_immediate(engine) -> None:
     sqlalchemy.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
 
 
+def _open_rdb(url: str, heartbeat: tuple[int, int] | None) -> BaseStorage:
+    kwargs = {}
+    if heartbeat is not None:
+        kwargs["heartbeat_interval"], kwargs["grace_period"] = heartbeat
+        kwargs["heartbeat_stale_trial_callback"] = RetryHeartbeatStaleTrialCallback(
+            max_retry=1, inherit_intermediate_values=True
+        )
+    if url.startswith("sqlite"):
+        return _SQLiteStorage(url, **kwargs)
+    if not kwargs:
+        return optuna.storages.get_storage(url)
+    return RDBStorage(url, **kwargs)
+
+
 def open_storage(
     storage, *, argument: str = "storage", heartbeat: tuple[int, int] | None = None
 ) -> BaseStorage | None:
@@ -99,17 +114,11 @@ def open_storage(
         )
     if _URL.match(storage):
         try:
-            kwargs = {}
-            if heartbeat is not None:
-                kwargs["heartbeat_interval"], kwargs["grace_period"] = heartbeat
-                kwargs["heartbeat_stale_trial_callback"] = RetryHeartbeatStaleTrialCallback(
-                    max_retry=1, inherit_intermediate_values=True
-                )
-            if storage.startswith("sqlite"):
-                return _SQLiteStorage(storage, **kwargs)
-            if not kwargs:
-                return optuna.storages.get_storage(storage)
-            return RDBStorage(storage, **kwargs)
+            with warnings.catch_warnings():
+                # Heartbeats and retries are Optuna features marked
+                # experimental; they are used deliberately here.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return _open_rdb(storage, heartbeat)
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy, driver and URL errors alike
             raise ValueError(
                 f"{argument}={mask_url(storage)!r} cannot be opened as an Optuna RDB storage: "
