@@ -309,7 +309,9 @@ class Objective:
             pruned = step < task.num_rounds and trial.should_prune()
             return pruned
 
-        out = run_loop(self.engine, Static(hparams, on_eval=on_eval), resume=resume, on_round=on_round)
+        out = run_loop(
+            self.engine, Static(hparams, on_eval=on_eval), resume=resume, on_round=on_round
+        )
         history = out.history
         evals = history[history[f"val_{metric}"].notna()]
         val_cols = [c for c in history.columns if c.startswith("val_")]
@@ -344,20 +346,36 @@ class Objective:
                     del self.models[number], self._values[number]
             self.models[trial.number], self._values[trial.number] = out.params, value
         if path is not None:
-            self._remove_beaten(trial.study, path, value)
+            self.remove_beaten(trial.study, path, value)
         return value
 
-    def _remove_beaten(self, study: optuna.Study, current: pathlib.Path, value: float) -> None:
-        """Deletes the checkpoints of finished runs that no longer hold the best model."""
+    def remove_beaten(
+        self,
+        study: optuna.Study,
+        current: pathlib.Path | None = None,
+        value: float | None = None,
+    ) -> None:
+        """Deletes the checkpoints of finished runs that no longer hold the best model.
+
+        The objective calls it as its run ends, with its own checkpoint
+        ``current`` and ``value`` (its trial is not told yet);
+        :func:`baselines.run` calls it again after each trial is told. Two
+        workers whose trials end together each decide before the other's
+        trial is recorded, so each may keep its own checkpoint; the later of
+        the two calls after the tells sees both trials and removes the beaten
+        one. A no-op without ``checkpoint_dir``.
+        """
+        if self.checkpoint_dir is None:
+            return
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
         values = [t.value for t in done if t.state == TrialState.COMPLETE and t.value is not None]
-        values = [v for v in [*values, value] if math.isfinite(v)]
+        values = [v for v in [*values, *([] if value is None else [value])] if math.isfinite(v)]
         maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
         best = (max(values) if maximize else min(values)) if values else None
         for t in done:
             if t.state == TrialState.PRUNED or t.value != best:
                 checkpoint_path(self.checkpoint_dir, t).unlink(missing_ok=True)
-        if value != best:
+        if current is not None and value != best:
             current.unlink(missing_ok=True)
 
     def _fingerprint(self, study_name: str, hparams: dict) -> dict:
@@ -406,7 +424,9 @@ class Objective:
         path = checkpoint_path(self.checkpoint_dir, trial)
         if not path.exists():
             return None
-        return self._load(path, self._fingerprint(study.study_name, dict(trial.params))).state.params
+        return self._load(
+            path, self._fingerprint(study.study_name, dict(trial.params))
+        ).state.params
 
     @staticmethod
     def _is_best_so_far(trial: optuna.Trial, value: float) -> bool:

@@ -544,6 +544,7 @@ def run(
 
     def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         bar.update(ledger(trial).rounds)
+        objective.remove_beaten(study)  # now that the trial is told (see remove_beaten)
         best = choose(study)
         if best is not None:
             bar.set_postfix({task.target.metric: f"{best.value:.4f}"})

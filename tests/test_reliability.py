@@ -306,6 +306,29 @@ def test_a_stale_trial_keeps_its_budget_until_its_retry_exists(tmp_path, monkeyp
     assert budget.committed(study.get_trials(), retrying=True) == (8, 0)
 
 
+def test_checkpoints_kept_by_two_runs_that_ended_together_are_resolved(tmp_path):
+    # Two workers' trials end at the same moment: each cleans up before the
+    # other's trial is told, so both keep their checkpoint. The clean-up that
+    # baselines.run does after each tell sees both and keeps only the best.
+    objective = baselines.Objective(short_toy(), space=SPACE, checkpoint_dir=tmp_path)
+    study = optuna.create_study(direction="maximize")
+    dists = {n: optuna.distributions.FloatDistribution(0.01, 20.0) for n in ("learning_rate",)}
+    for value, state in (
+        (0.5, TrialState.COMPLETE),
+        (0.7, TrialState.COMPLETE),
+        (None, TrialState.PRUNED),
+    ):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"learning_rate": 0.1}, distributions=dists, value=value, state=state
+            )
+        )
+    for number in range(3):
+        (tmp_path / f"trial{number}.npz").write_bytes(b"x")
+    objective.remove_beaten(study)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trial1.npz"]
+
+
 def test_four_workers_one_sigkilled_lose_and_duplicate_nothing(tmp_path):
     url, ckdir, budget = f"sqlite:///{tmp_path}/s.db", tmp_path / "ck", 8 * 14
     ckdir.mkdir()
