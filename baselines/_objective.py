@@ -346,37 +346,43 @@ class Objective:
                     del self.models[number], self._values[number]
             self.models[trial.number], self._values[trial.number] = out.params, value
         if path is not None:
-            self.remove_beaten(trial.study, path, value)
+            self.remove_beaten(trial.study, (trial.number, path, value))
         return value
 
     def remove_beaten(
-        self,
-        study: optuna.Study,
-        current: pathlib.Path | None = None,
-        value: float | None = None,
+        self, study: optuna.Study, current: tuple[int, pathlib.Path, float] | None = None
     ) -> None:
-        """Deletes the checkpoints of finished runs that no longer hold the best model.
+        """Deletes every finished run's checkpoint but the one :func:`baselines.choose` would pick.
 
-        The objective calls it as its run ends, with its own checkpoint
-        ``current`` and ``value`` (its trial is not told yet);
-        :func:`baselines.run` calls it again after each trial is told. Two
-        workers whose trials end together each decide before the other's
-        trial is recorded, so each may keep its own checkpoint; the later of
-        the two calls after the tells sees both trials and removes the beaten
-        one. A no-op without ``checkpoint_dir``.
+        That is the best final value, ties going to the lower trial number;
+        pruned runs and runs with a non-finite value lose theirs. The
+        objective calls it as its run ends, with ``current`` = ``(trial
+        number, checkpoint path, value)`` of its own run (its trial is not
+        told yet); :func:`baselines.run` calls it again after each trial is
+        told. Two workers whose trials end together each decide before the
+        other's trial is recorded, so each may keep its own checkpoint; the
+        later of the two calls after the tells sees both trials and removes
+        the beaten one. A no-op without ``checkpoint_dir``.
         """
         if self.checkpoint_dir is None:
             return
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-        values = [t.value for t in done if t.state == TrialState.COMPLETE and t.value is not None]
-        values = [v for v in [*values, *([] if value is None else [value])] if math.isfinite(v)]
-        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-        best = (max(values) if maximize else min(values)) if values else None
-        for t in done:
-            if t.state == TrialState.PRUNED or t.value != best:
-                checkpoint_path(self.checkpoint_dir, t).unlink(missing_ok=True)
-        if current is not None and value != best:
-            current.unlink(missing_ok=True)
+        runs = [
+            (
+                t.number,
+                checkpoint_path(self.checkpoint_dir, t),
+                t.value if t.state == TrialState.COMPLETE else None,
+            )
+            for t in done
+        ]
+        if current is not None:
+            runs.append(current)
+        sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+        finite = [(n, v) for n, _, v in runs if v is not None and math.isfinite(v)]
+        keep = max(finite, key=lambda nv: (sign * nv[1], -nv[0]))[0] if finite else None
+        for number, path, _ in runs:
+            if number != keep:
+                path.unlink(missing_ok=True)
 
     def _fingerprint(self, study_name: str, hparams: dict) -> dict:
         return {

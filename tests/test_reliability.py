@@ -1,5 +1,6 @@
 """Crash-safe resume and concurrent workers: kill processes, resume, compare with uninterrupted runs."""
 
+import math
 import os
 import pathlib
 import signal
@@ -307,26 +308,28 @@ def test_a_stale_trial_keeps_its_budget_until_its_retry_exists(tmp_path, monkeyp
 
 
 def test_checkpoints_kept_by_two_runs_that_ended_together_are_resolved(tmp_path):
-    # Two workers' trials end at the same moment: each cleans up before the
-    # other's trial is told, so both keep their checkpoint. The clean-up that
-    # baselines.run does after each tell sees both and keeps only the best.
+    # Workers whose trials end at the same moment each clean up before the
+    # others' trials are told, so each keeps its checkpoint. The clean-up that
+    # baselines.run does after each tell sees them all and keeps only the
+    # checkpoint of the trial baselines.choose picks: the best value, ties to
+    # the lowest number (trials 1 and 3 tie here).
     objective = baselines.Objective(short_toy(), space=SPACE, checkpoint_dir=tmp_path)
     study = optuna.create_study(direction="maximize")
-    dists = {n: optuna.distributions.FloatDistribution(0.01, 20.0) for n in ("learning_rate",)}
-    for value, state in (
-        (0.5, TrialState.COMPLETE),
-        (0.7, TrialState.COMPLETE),
-        (None, TrialState.PRUNED),
-    ):
+    dists = {"learning_rate": optuna.distributions.FloatDistribution(0.01, 20.0)}
+    ended = [(0.5, TrialState.COMPLETE), (0.7, TrialState.COMPLETE), (None, TrialState.PRUNED)]
+    ended += [(0.7, TrialState.COMPLETE), (math.inf, TrialState.COMPLETE)]
+    for value, state in ended:
         study.add_trial(
             optuna.trial.create_trial(
                 params={"learning_rate": 0.1}, distributions=dists, value=value, state=state
             )
         )
-    for number in range(3):
+    for number in range(len(ended)):
         (tmp_path / f"trial{number}.npz").write_bytes(b"x")
-    objective.remove_beaten(study)
+    # A run still to be told, worse than trial 1, drops its own checkpoint.
+    objective.remove_beaten(study, (5, tmp_path / "trial5.npz", 0.6))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trial1.npz"]
+    assert baselines.choose(study).number == 1
 
 
 def test_four_workers_one_sigkilled_lose_and_duplicate_nothing(tmp_path):
