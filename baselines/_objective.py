@@ -83,6 +83,12 @@ def origin(trial: FrozenTrial) -> int:
     return int(history[0]) if history else trial.number
 
 
+def preference(number: int, value: float, direction: optuna.study.StudyDirection) -> tuple:
+    """How baselines rank finished runs (larger is preferred): better value, then lower number."""
+    sign = 1.0 if direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    return (sign * value, -number)
+
+
 def checkpoint_path(directory: pathlib.Path, trial: FrozenTrial) -> pathlib.Path:
     """Where the run of ``trial`` keeps its checkpoint: ``<directory>/trial<origin>.npz``."""
     return pathlib.Path(directory) / f"trial{origin(trial)}.npz"
@@ -309,9 +315,7 @@ class Objective:
             pruned = step < task.num_rounds and trial.should_prune()
             return pruned
 
-        out = run_loop(
-            self.engine, Static(hparams, on_eval=on_eval), resume=resume, on_round=on_round
-        )
+        out = run_loop(self.engine, Static(hparams, on_eval=on_eval), resume=resume, on_round=on_round)
         history = out.history
         evals = history[history[f"val_{metric}"].notna()]
         val_cols = [c for c in history.columns if c.startswith("val_")]
@@ -377,9 +381,8 @@ class Objective:
         ]
         if current is not None:
             runs.append(current)
-        sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
         finite = [(n, v) for n, _, v in runs if v is not None and math.isfinite(v)]
-        keep = max(finite, key=lambda nv: (sign * nv[1], -nv[0]))[0] if finite else None
+        keep = max(finite, key=lambda nv: preference(*nv, study.direction))[0] if finite else None
         for number, path, _ in runs:
             if number != keep:
                 path.unlink(missing_ok=True)
@@ -430,9 +433,7 @@ class Objective:
         path = checkpoint_path(self.checkpoint_dir, trial)
         if not path.exists():
             return None
-        return self._load(
-            path, self._fingerprint(study.study_name, dict(trial.params))
-        ).state.params
+        return self._load(path, self._fingerprint(study.study_name, dict(trial.params))).state.params
 
     @staticmethod
     def _is_best_so_far(trial: optuna.Trial, value: float) -> bool:

@@ -62,6 +62,8 @@ from baselines._objective import (
     check_space,
     costliest_examples,
     ledger,
+    origin,
+    preference,
     projected_cost,
 )
 from baselines._registry import GP, get
@@ -108,21 +110,18 @@ def _awaiting_retry(trials: Sequence[FrozenTrial]) -> set[int]:
     """Numbers of failed trials that look stale-failed and whose retry does not exist yet.
 
     A stale trial failed by Optuna's heartbeat has no recorded cost and no
-    ``not_run`` mark and is not itself a retry (one retry per trial); its
-    retry names it in the ``failed_trial`` system attr.
+    ``not_run`` mark and is not itself a retry (one retry per trial).
     """
-    retried = {
-        t.system_attrs.get("failed_trial") for t in trials if "retry_history" in t.system_attrs
-    }
+    retried = {origin(t) for t in trials if origin(t) != t.number}
     now = datetime.datetime.now()
     return {
         t.number
         for t in trials
         if t.state == TrialState.FAIL
+        and origin(t) == t.number
         and t.number not in retried
-        and "retry_history" not in t.system_attrs
         and NOT_RUN_ATTR not in t.user_attrs
-        and "rounds" not in t.user_attrs
+        and ledger(t).rounds == 0
         and t.datetime_complete is not None
         and (now - t.datetime_complete).total_seconds() < RETRY_WAIT
     }
@@ -244,8 +243,7 @@ def choose(study: optuna.Study) -> FrozenTrial | None:
     ]
     if not done:
         return None
-    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
-    return max(done, key=lambda t: (sign * t.value, -t.number))
+    return max(done, key=lambda t: preference(t.number, t.value, study.direction))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,9 +497,7 @@ def run(
     objective = Objective(
         task, seed=seed, space=space, on_start=on_start, checkpoint_dir=checkpoint_dir
     )
-    opened = fathom_tune.open_storage(
-        storage, heartbeat=heartbeat
-    )  # the first thing that may write
+    opened = fathom_tune.open_storage(storage, heartbeat=heartbeat)  # the first thing that may write
 
     sname = fathom_tune.make_study_name(task.name, name, seed)
     direction = "maximize" if task.target.mode == "max" else "minimize"

@@ -126,14 +126,10 @@ def open_storage(
             ) from None
     path = pathlib.Path(storage)
     if path.is_dir():
-        raise ValueError(
-            f"{argument}={storage!r} is a directory; give a journal file path or a URL"
-        )
+        raise ValueError(f"{argument}={storage!r} is a directory; give a journal file path or a URL")
     if not path.parent.is_dir():
         raise ValueError(f"{argument}={storage!r}: directory {str(path.parent)!r} does not exist")
     try:
         return JournalStorage(JournalFileBackend(str(path)))
     except OSError as exc:
-        raise ValueError(
-            f"{argument}={storage!r} cannot be opened as a journal file: {exc}"
-        ) from None
+        raise ValueError(f"{argument}={storage!r} cannot be opened as a journal file: {exc}") from None

@@ -180,9 +180,7 @@ class RoundResult:
         """Whether the loss and the update are finite (no divergence)."""
         if not math.isfinite(self.train_loss):
             return False
-        return bool(
-            all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(self.update))
-        )
+        return bool(all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(self.update)))
 
 
 class _Programs:
@@ -218,25 +216,14 @@ class _Programs:
                 # grouped convolution, several times slower on XLA:CPU.
                 first = functools.partial(jax.tree_util.tree_map, operator.itemgetter(0))
                 out = one_step(
-                    x0,
-                    first(params),
-                    phi[0],
-                    loss_sum[0],
-                    first(batch),
-                    ex_mask,
-                    on[0],
-                    keys[0],
-                    eta,
-                    inv_b,
+                    x0, first(params), phi[0], loss_sum[0], first(batch), ex_mask, on[0], keys[0], eta, inv_b
                 )
                 return jax.tree_util.tree_map(lambda a: a[None], out)
             return jax.vmap(one_step, in_axes=(None, 0, 0, 0, 0, None, 0, 0, None, None))(
                 x0, params, phi, loss_sum, batch, ex_mask, on, keys, eta, inv_b
             )
 
-        def local_steps(
-            x0, params, phi, loss_sum, batches, ex_mask, active, seed, rnd, cidx, step0, eta, inv_b
-        ):
+        def local_steps(x0, params, phi, loss_sum, batches, ex_mask, active, seed, rnd, cidx, step0, eta, inv_b):
             self._count("local_steps")
             base = jax.random.fold_in(jax.random.PRNGKey(seed), rnd)
             keys = jax.vmap(lambda c: jax.random.fold_in(base, c))(cidx)
@@ -271,15 +258,9 @@ class _Programs:
             def body(stat, batch):
                 mask = batch[fedjax.EXAMPLE_MASK_KEY].astype(jnp.bool_)
                 pred = model.apply_for_eval(params, batch)
-                new = {
-                    k: fedjax.metrics.evaluate_batch(m, batch, pred, mask)
-                    for k, m in model.eval_metrics.items()
-                }
+                new = {k: fedjax.metrics.evaluate_batch(m, batch, pred, mask) for k, m in model.eval_metrics.items()}
                 return jax.tree_util.tree_map(
-                    lambda a, b: a.merge(b),
-                    stat,
-                    new,
-                    is_leaf=lambda v: isinstance(v, fedjax.metrics.Stat),
+                    lambda a, b: a.merge(b), stat, new, is_leaf=lambda v: isinstance(v, fedjax.metrics.Stat)
                 ), None
 
             stat = {k: m.zero() for k, m in model.eval_metrics.items()}
@@ -299,6 +280,7 @@ class _Programs:
     def _count(self, name: str) -> None:
         # Runs only while JAX traces a function, i.e. once per compiled program.
         self.compiles[name] = self.compiles.get(name, 0) + 1
+
 
 
 LARGE_MODEL_EQNS = 200
@@ -383,14 +365,9 @@ class Engine:
                 f"got {type(server_optimizer).__name__}"
             )
         buckets = tuple(default_buckets() if buckets is None else buckets)
-        if (
-            not buckets
-            or any(
-                isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1
-                for b in buckets
-            )
-            or list(buckets) != sorted(set(buckets))
-        ):
+        if not buckets or any(
+            isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in buckets
+        ) or list(buckets) != sorted(set(buckets)):
             raise ValueError(f"buckets must be strictly ascending ints >= 1, got {buckets!r}")
         widest = task.bounds.upper.batch_int
         if buckets[-1] < widest:
@@ -417,13 +394,9 @@ class Engine:
             steps_per_call = 1 if self.client_block == 1 else 4
         self.steps_per_call = check_positive_int("steps_per_call", steps_per_call)
         self._eval_batches: dict[str, list] = {}
-        self._programs = _programs(
-            task.model, server_optimizer, self.client_block, self.steps_per_call
-        )
+        self._programs = _programs(task.model, server_optimizer, self.client_block, self.steps_per_call)
         params = jax.eval_shape(task.model.init, jax.random.PRNGKey(0))
-        self.param_bytes = int(
-            sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-        )
+        self.param_bytes = int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)))
 
     def _one_at_a_time_on_cpu(self) -> bool:
         """Whether XLA:CPU should train this model one client at a time.
@@ -502,9 +475,7 @@ class Engine:
             k_block = int(steps[members].max())
             n_calls = -(-k_block // s_call)
             plans = [
-                self._batch_plan(
-                    int(sampled[m]), rnd, int(steps[m]), b_int, n_calls * s_call, bucket
-                )
+                self._batch_plan(int(sampled[m]), rnd, int(steps[m]), b_int, n_calls * s_call, bucket)
                 for m in members
             ]
             params = self._programs.broadcast(x0)
@@ -519,19 +490,8 @@ class Engine:
                 sl = slice(call * s_call, (call + 1) * s_call)
                 batches = self._gather(members, sampled, plans, sl, p_block)
                 params, phi_b, loss_b = self._programs.local_steps(
-                    x0,
-                    params,
-                    phi_b,
-                    loss_b,
-                    batches,
-                    ex_mask,
-                    active_all[:, sl],
-                    self.seed,
-                    rnd,
-                    cidx,
-                    call * s_call,
-                    eta,
-                    inv_b,
+                    x0, params, phi_b, loss_b, batches, ex_mask, active_all[:, sl],
+                    self.seed, rnd, cidx, call * s_call, eta, inv_b,
                 )
             w = np.zeros(p_block, np.float32)
             w[: len(members)] = weights_all[members]

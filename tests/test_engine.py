@@ -131,9 +131,7 @@ def test_client_sampling_is_a_function_of_seed_and_round():
     assert a == b
     assert all(len(set(s)) == 10 and min(s) >= 0 and max(s) < 100 for s in a)
     assert len(set(a)) == 20  # rounds differ
-    counts = np.bincount(
-        np.concatenate([sample_clients(0, r, 10, 3) for r in range(3000)]), minlength=10
-    )
+    counts = np.bincount(np.concatenate([sample_clients(0, r, 10, 3) for r in range(3000)]), minlength=10)
     # Uniform: each of 10 clients is picked with probability 3/10 per round.
     assert np.all(np.abs(counts / 3000 - 0.3) < 0.03)
 
@@ -144,10 +142,7 @@ def test_batch_size_sweep_compiles_a_bounded_number_of_programs():
     s = eng.init()
     for b in np.geomspace(4, 256, 40):
         s, _ = eng.run_round(s, HParams(0.05, 0.5, float(b)))
-    buckets_met = {
-        bucket_size(HParams(0.05, 0.5, float(b)).batch_int, default_buckets())
-        for b in np.geomspace(4, 256, 40)
-    }
+    buckets_met = {bucket_size(HParams(0.05, 0.5, float(b)).batch_int, default_buckets()) for b in np.geomspace(4, 256, 40)}
     assert eng.compile_counts["local_steps"] == len(buckets_met) <= 13
     before = eng.compile_count
     for lr, e in [(0.01, 0.2), (0.3, 3.0), (0.001, 9.0)]:
@@ -160,9 +155,7 @@ def test_server_optimizer_sees_the_mean_update_as_a_gradient():
     eng = Engine(task, seed=0, server_optimizer=optax.sgd(0.5))
     s = eng.init()
     s2, res = eng.run_round(s, HParams(0.1, 1.0, 10.0))
-    np.testing.assert_allclose(
-        flat(s2.params), flat(s.params) - 0.5 * flat(res.update), rtol=1e-5, atol=1e-7
-    )
+    np.testing.assert_allclose(flat(s2.params), flat(s.params) - 0.5 * flat(res.update), rtol=1e-5, atol=1e-7)
 
 
 def test_cost_counts_bytes_examples_and_steps():
@@ -187,9 +180,7 @@ def test_evaluate_matches_fedjax_evaluate_model():
     s = eng.init()
     s, _ = eng.run_round(s, HParams(0.1, 1.0, 10.0))
     ours = eng.evaluate(s.params, "validation")
-    batches = fedjax.padded_batch_client_datasets(
-        [ds for _, ds in task.validation.clients()], batch_size=16
-    )
+    batches = fedjax.padded_batch_client_datasets([ds for _, ds in task.validation.clients()], batch_size=16)
     ref = fedjax.evaluate_model(task.model, s.params, batches)
     assert set(ours) == {"loss", "accuracy"}
     for k in ours:
@@ -239,9 +230,7 @@ def test_run_round_and_evaluate_reject_bad_arguments():
         Engine("digits")
     big = toy_task(sizes=(4,) * 3, clients_per_round=1)
     with pytest.raises(ValueError, match="largest bucket"):
-        Engine(big, buckets=(1, 2, 4)).run_round(
-            ServerState(s.params, None), HParams(0.1, 1.0, 8.0)
-        )
+        Engine(big, buckets=(1, 2, 4)).run_round(ServerState(s.params, None), HParams(0.1, 1.0, 8.0))
 
 
 @pytest.mark.parametrize(
