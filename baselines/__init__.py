@@ -6,21 +6,21 @@ Optuna sampler (and optionally a pruner) over ONE shared objective,
 :class:`Objective`: a trial is one full FedAvg run through
 ``fathom_tune.loop.run`` on ``fathom_tune.engine.Engine``, with the three
 hyperparameters and bounds that FATHOM ("Federated Hypergradient Descent",
-A. K. Kan, arXiv 2211.02106) tunes, drawn on log scales. The Optuna storage
-is the record: :func:`history`, :func:`cost_to_target` and :func:`choose`
-read everything back from it.
+A. K. Kan, arXiv 2211.02106) tunes, drawn on log scales. Each baseline is a
+:class:`fathom_tune.tuners.Tuner`, registered under its name (the package's
+``fathom_tune.tuners`` entry point), and records its study through
+:mod:`fathom_tune.record`; :func:`fathom_tune.record.read_run` reads any of
+them back.
 
 Example:
     >>> import fathom_tune, baselines
     >>> task = fathom_tune.tasks.digits().replace(num_rounds=4, eval_every=2)
-    >>> out = baselines.run(task, "tpe+median", budget_rounds=12, seed=0, progress=False)
+    >>> out = baselines.run(task, "tpe+median", budget_rounds=12, seed=0)
     >>> out.study.study_name, out.cost.rounds <= 12
     ('digits/tpe+median/seed0', True)
 """
 
 # isort: off
-from baselines._objective import EVALS_ATTR
-from baselines._objective import LEDGER_ATTRS
 from baselines._objective import Objective
 from baselines._objective import projected_cost
 from baselines._objective import suggest
@@ -34,26 +34,15 @@ from baselines._registry import Median
 from baselines._registry import Random
 from baselines._registry import SuccessiveHalving
 from baselines._registry import get
-from baselines._run import NOT_RUN_ATTR
-from baselines._run import WORKER_ATTR
-from baselines._run import BaselineResult
 from baselines._run import choose
-from baselines._run import cost_to_target
-from baselines._run import history
 from baselines._run import run
-from baselines._run import total_cost
 # isort: on
 
 __all__ = [
-    "EVALS_ATTR",
     "GP",
-    "LEDGER_ATTRS",
-    "NOT_RUN_ATTR",
     "REGISTRY",
     "TPE",
-    "WORKER_ATTR",
     "Baseline",
-    "BaselineResult",
     "Grid",
     "Hyperband",
     "Median",
@@ -61,11 +50,8 @@ __all__ = [
     "Random",
     "SuccessiveHalving",
     "choose",
-    "cost_to_target",
     "get",
-    "history",
     "projected_cost",
     "run",
     "suggest",
-    "total_cost",
 ]

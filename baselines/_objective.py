@@ -10,22 +10,21 @@ At every evaluation round the validation value of the task's target metric is
 reported with ``trial.report(value, rounds_run)`` and ``trial.should_prune()``
 may end the run; the run's ledger goes into the trial's user attributes.
 
-Trial user attributes (the storage is the record; reports read these):
+Each trial is recorded through :mod:`fathom_tune.record` (the storage is the
+record; reports read it back with :func:`fathom_tune.record.read_run`):
 
-* ``rounds``, ``examples``, ``steps``, ``bytes_down``, ``bytes_up``,
-  ``seconds``: the run's :class:`~fathom_tune.engine.Cost` (partial for a
+* ``cost``: the run's :class:`~fathom_tune.engine.Cost` (partial for a
   pruned or diverged run);
-* ``evals``: one dict per evaluation, ``{"rounds", "examples", "val_<metric>"...}``
-  with the trial's cumulative rounds and client examples at that evaluation;
+* ``evals``: one entry per evaluation with the trial's cumulative rounds and
+  client examples at that evaluation;
 * ``diverged``: whether the run stopped at a non-finite round;
-* ``test_<metric>``: the test metrics of the run's final model, recorded only
-  for a completed trial that was the best on validation when it finished
-  (so the model a study finally chooses always has them). Never read to choose.
+* ``test``: the test metrics of the run's final model, recorded only for a
+  completed trial that was the best on validation when it finished (so the
+  model a study finally chooses always has them). Never read to choose.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import pathlib
 from collections.abc import Callable
@@ -35,37 +34,25 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from fathom_tune._checkpoint import CheckpointError, jsonable, load_checkpoint, save_checkpoint
-from fathom_tune._hparams import NAMES, Bounds, HParams
-from fathom_tune.engine import Cost, Engine, ServerState, sample_clients
+from fathom_tune import checkpoint as ckpt
+from fathom_tune import checks, record
+from fathom_tune.engine import Cost, Engine, sample_clients
+from fathom_tune.hparams import NAMES, Bounds, HParams
 from fathom_tune.loop import Progress, Static
 from fathom_tune.loop import run as run_loop
-from fathom_tune.task import Task, check_positive_int
+from fathom_tune.task import Task
 
 __all__ = [
     "CHECKPOINT_KIND",
-    "DIVERGED_ATTR",
-    "EVALS_ATTR",
-    "LEDGER_ATTRS",
     "Objective",
     "cheapest_examples",
     "check_space",
     "checkpoint_path",
     "costliest_examples",
-    "ledger",
     "origin",
     "projected_cost",
     "suggest",
 ]
-
-LEDGER_ATTRS = tuple(f.name for f in dataclasses.fields(Cost))
-"""Trial user attrs holding the run's ledger: the fields of :class:`~fathom_tune.engine.Cost`."""
-
-EVALS_ATTR = "evals"
-"""Trial user attr: the per-evaluation validation record (see the module docstring)."""
-
-DIVERGED_ATTR = "diverged"
-"""Trial user attr: ``True`` when the run stopped at a non-finite round."""
 
 
 CHECKPOINT_KIND = "baseline-trial"
@@ -174,9 +161,7 @@ def projected_cost(
         >>> projected_cost(task, task.init_hparams, seed=0, num_rounds=3).rounds
         3
     """
-    num_rounds = check_positive_int(
-        "num_rounds", task.num_rounds if num_rounds is None else num_rounds
-    )
+    num_rounds = checks.positive_int("num_rounds", task.num_rounds if num_rounds is None else num_rounds)
     sizes = _sampled_sizes(task, seed, num_rounds)
     steps = np.vectorize(hparams.local_steps, otypes=[np.int64])(sizes)
     total = int(steps.sum())
@@ -203,12 +188,6 @@ def costliest_examples(task: Task, space: Bounds, *, seed: int) -> int:
     sizes = _sampled_sizes(task, seed, task.num_rounds)
     per_client = space.upper.local_epochs * sizes + space.upper.batch_int
     return int(np.ceil(per_client).sum())
-
-
-def ledger(trial: optuna.trial.FrozenTrial) -> Cost:
-    """The cost recorded on ``trial`` (zero for a trial that recorded none, e.g. one not run)."""
-    attrs = trial.user_attrs
-    return Cost(**{n: attrs.get(n, 0) for n in LEDGER_ATTRS})
 
 
 def _better(a: float, b: float, direction: optuna.study.StudyDirection) -> bool:
@@ -304,7 +283,7 @@ class Objective:
 
             def on_round(done: Progress) -> None:
                 if f"val_{metric}" in done.rows[-1]:
-                    self._save(path, fingerprint, done)
+                    ckpt.save_run(path, kind=CHECKPOINT_KIND, fingerprint=fingerprint, progress=done)
 
         def on_eval(round_index: int, metrics: dict[str, float]) -> bool:
             nonlocal pruned
@@ -320,30 +299,21 @@ class Objective:
         evals = history[history[f"val_{metric}"].notna()]
         val_cols = [c for c in history.columns if c.startswith("val_")]
         records = [
-            {
-                "rounds": int(row["rounds"]),
-                "examples": int(row["examples"]),
-                **{c: float(row[c]) for c in val_cols},
-            }
+            record.evaluation(row["rounds"], row["examples"], {c[4:]: row[c] for c in val_cols})
             for _, row in evals.iterrows()
         ]
         last = records[-1]
         if last["rounds"] not in reported:  # a diverged run's final evaluation
             trial.report(last[f"val_{metric}"], last["rounds"])
-        for name, value in out.cost.as_dict().items():
-            trial.set_user_attr(name, value)
-        trial.set_user_attr(EVALS_ATTR, records)
         diverged = "diverged" in history and bool(history["diverged"].eq(True).any())
-        trial.set_user_attr(DIVERGED_ATTR, diverged)
+        record.write_step(trial, cost=out.cost, evals=records, **{record.DIVERGED: diverged})
         if pruned:
             if path is not None:
                 path.unlink(missing_ok=True)
             raise optuna.TrialPruned(f"pruned after {out.cost.rounds} of {task.num_rounds} rounds")
         value = float(out.final_metrics[metric])
         if math.isfinite(value) and self._is_best_so_far(trial, value):
-            test = self.engine.evaluate(out.params, "test")
-            for name, v in test.items():
-                trial.set_user_attr(f"test_{name}", v)
+            trial.set_user_attr(record.TEST, self.engine.evaluate(out.params, "test"))
             direction = trial.study.direction
             for number, v in list(self._values.items()):
                 if not _better(v, value, direction):
@@ -388,41 +358,14 @@ class Objective:
                 path.unlink(missing_ok=True)
 
     def _fingerprint(self, study_name: str, hparams: dict) -> dict:
-        return {
-            "study": study_name,
-            "task": self.task.name,
-            "seed": self.seed,
-            "num_rounds": self.task.num_rounds,
-            "eval_every": self.task.eval_every,
-            "hparams": hparams,
-        }
-
-    def _save(self, path: pathlib.Path, fingerprint: dict, done: Progress) -> None:
-        meta = {
-            "fingerprint": fingerprint,
-            "round": done.state.round,
-            "rng": {"seed": self.seed, "round": done.state.round},
-            "rows": [jsonable(r) for r in done.rows],
-            "cost": done.cost.as_dict(),
-            "final_metrics": jsonable(done.final_metrics),
-        }
-        trees = {"params": done.state.params, "opt_state": done.state.opt_state}
-        save_checkpoint(path, kind=CHECKPOINT_KIND, meta=meta, trees=trees)
+        task = self.task
+        return ckpt.fingerprint(
+            self.engine, study=study_name, num_rounds=task.num_rounds, eval_every=task.eval_every, hparams=hparams
+        )
 
     def _load(self, path: pathlib.Path, fingerprint: dict) -> Progress:
-        template = self.engine.init()
-        meta, trees = load_checkpoint(
-            path,
-            kind=CHECKPOINT_KIND,
-            templates={"params": template.params, "opt_state": template.opt_state},
-        )
-        if meta.get("fingerprint") != fingerprint:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} belongs to another run: {meta.get('fingerprint')!r}, "
-                f"this trial: {fingerprint!r}"
-            )
-        state = ServerState(trees["params"], trees["opt_state"], round=meta["round"])
-        return Progress(state, tuple(meta["rows"]), Cost(**meta["cost"]), meta["final_metrics"])
+        progress, _ = ckpt.load_run(path, kind=CHECKPOINT_KIND, fingerprint=fingerprint, state=self.engine.init())
+        return progress
 
     def final_model(self, study: optuna.Study, trial: FrozenTrial):
         """The final parameters of completed ``trial``: in memory, from its checkpoint, or None."""

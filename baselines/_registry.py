@@ -32,9 +32,10 @@ from collections.abc import Mapping
 import numpy as np
 import optuna
 
-from fathom_tune._hparams import NAMES, Bounds
+from fathom_tune import checks
+from fathom_tune.hparams import NAMES, Bounds
 from fathom_tune.task import Task
-from fathom_tune.tasks._common import check_bool, check_int_range
+from fathom_tune.tuners import Request, Tuner, TuningResult
 
 __all__ = [
     "GP",
@@ -56,9 +57,9 @@ def _check_fields(config, **lows: int | None) -> None:
     for field, low in lows.items():
         name, value = f"{owner}.{field}", getattr(config, field)
         if low is None:
-            check_bool(name, value)
+            checks.boolean(name, value)
         else:
-            check_int_range(name, value, low)
+            checks.int_range(name, value, low)
 
 
 def _stream_seed(seed: int, stream: int) -> int:
@@ -284,7 +285,7 @@ class Median:
 
 
 @dataclasses.dataclass(frozen=True)
-class Baseline:
+class Baseline(Tuner):
     """A baseline: a sampler configuration and an optional pruner configuration.
 
     Attributes:
@@ -318,6 +319,35 @@ class Baseline:
         if self.pruner is None:
             return optuna.pruners.NopPruner()
         return self.pruner.build(task)
+
+    def check_available(self) -> None:
+        """Raises ``ImportError`` naming the extra when the sampler's dependencies are missing."""
+        if isinstance(self.sampler, GP):
+            self.sampler.check_available()
+
+    def describe(self) -> dict:
+        """Every setting of the sampler and the pruner, for the run record."""
+        return {"sampler": repr(self.sampler), "pruner": repr(self.pruner)}
+
+    def tune(self, request: Request) -> TuningResult:
+        """:func:`baselines.run` with this baseline (default budget: ten runs of
+        ``task.num_rounds``; with a ``checkpoint_dir``, trials checkpoint into
+        ``<checkpoint_dir>/<task>-<name>-seed<k>/``)."""
+        from baselines._run import run
+
+        task, directory = request.task, request.checkpoint_dir
+        if directory is not None:
+            directory = directory / request.study_name(self.name).replace("/", "-")
+            directory.mkdir(exist_ok=True)
+        return run(
+            task,
+            self,
+            budget_rounds=10 * task.num_rounds if request.budget_rounds is None else request.budget_rounds,
+            seed=request.seed,
+            storage=request.storage,
+            checkpoint_dir=directory,
+            progress=request.progress,
+        )
 
 
 def _registry(*baselines: Baseline) -> Mapping[str, Baseline]:

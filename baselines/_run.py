@@ -39,195 +39,26 @@ then finds no room for the retry.
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
+import logging
 import math
-import warnings
-from collections.abc import Sequence
 
-import numpy as np
 import optuna
-import pandas as pd
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
-import fathom_tune
-from baselines._objective import (
-    DIVERGED_ATTR,
-    EVALS_ATTR,
-    LEDGER_ATTRS,
-    Objective,
-    cheapest_examples,
-    check_space,
-    costliest_examples,
-    ledger,
-    origin,
-    preference,
-    projected_cost,
-)
-from baselines._registry import GP, get
-from fathom_tune._hparams import NAMES, Bounds, HParams
+from baselines._budget import Budget, NotRun
+from baselines._objective import Objective, check_space, preference
+from baselines._registry import Baseline, get
+from fathom_tune import checks, record
 from fathom_tune.engine import Cost
-from fathom_tune.loop import rounds_to_target
-from fathom_tune.task import Target, Task, check_positive_int
+from fathom_tune.hparams import NAMES, Bounds, HParams
+from fathom_tune.storage import open_storage
+from fathom_tune.task import Task
+from fathom_tune.tuners import TuningResult, result_from_record
 
-__all__ = [
-    "NOT_RUN_ATTR",
-    "WORKER_ATTR",
-    "BaselineResult",
-    "choose",
-    "cost_to_target",
-    "history",
-    "run",
-    "total_cost",
-]
+__all__ = ["choose", "run"]
 
-NOT_RUN_ATTR = "not_run"
-"""Trial user attr of a trial refused by the budget: ``{"reason", "budget"}``."""
-
-WORKER_ATTR = "worker"
-"""Trial user attr: the ``worker`` index of the :func:`run` call that ran the trial."""
-
-_RESERVED_ROUNDS = "reserved_rounds"
-_RESERVED_EXAMPLES = "reserved_examples"
-
-RETRY_WAIT = 60.0
-"""Seconds a trial failed as stale keeps its reservation while its retry is not there."""
-
-
-def _retries_stale_trials(study: optuna.Study) -> bool:
-    """Whether the study's storage fails stale trials and retries them."""
-    storage = study._storage
-    return (
-        isinstance(storage, BaseHeartbeat)
-        and storage.get_heartbeat_interval() is not None
-        and storage.get_heartbeat_stale_trial_callback() is not None
-    )
-
-
-def _awaiting_retry(trials: Sequence[FrozenTrial]) -> set[int]:
-    """Numbers of failed trials that look stale-failed and whose retry does not exist yet.
-
-    A stale trial failed by Optuna's heartbeat has no recorded cost and no
-    ``not_run`` mark and is not itself a retry (one retry per trial).
-    """
-    retried = {origin(t) for t in trials if origin(t) != t.number}
-    now = datetime.datetime.now()
-    return {
-        t.number
-        for t in trials
-        if t.state == TrialState.FAIL
-        and origin(t) == t.number
-        and t.number not in retried
-        and NOT_RUN_ATTR not in t.user_attrs
-        and ledger(t).rounds == 0
-        and t.datetime_complete is not None
-        and (now - t.datetime_complete).total_seconds() < RETRY_WAIT
-    }
-
-
-def _target(study: optuna.Study) -> Target:
-    attrs = study.user_attrs
-    if "target_metric" not in attrs:
-        raise ValueError(
-            f"study {study.study_name!r} has no 'target_metric' user attr; pass target= explicitly"
-        )
-    return Target(attrs["target_metric"], attrs["target_value"], attrs["target_mode"])
-
-
-def _ordered(study: optuna.Study) -> list[FrozenTrial]:
-    return sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-
-
-def total_cost(study: optuna.Study) -> Cost:
-    """The ledger summed over every trial of ``study`` (pruned ones at their partial cost)."""
-    return sum((ledger(t) for t in study.get_trials(deepcopy=False)), Cost())
-
-
-def _final_value(trial: FrozenTrial) -> float:
-    if trial.state == TrialState.COMPLETE and trial.value is not None:
-        return float(trial.value)
-    if trial.intermediate_values:
-        return float(trial.intermediate_values[max(trial.intermediate_values)])
-    return math.nan
-
-
-def _evals(trial: FrozenTrial) -> pd.DataFrame:
-    return pd.DataFrame(trial.user_attrs.get(EVALS_ATTR, []), columns=None)
-
-
-def history(study: optuna.Study, target: Target | None = None) -> pd.DataFrame:
-    """One row per trial, in trial-number order, computed from the storage alone.
-
-    Columns: ``number``, ``state``, the three hyperparameters, the ledger
-    (``rounds``, ``examples``, ``steps``, ``bytes_down``, ``bytes_up``,
-    ``seconds``), ``val_<metric>`` (the completed run's objective value, the
-    last reported value of a pruned run), ``diverged``, ``reached`` (whether
-    any evaluation met the target), and ``cum_rounds`` / ``cum_examples``,
-    the tuning process's totals up to and including the trial.
-
-    Args:
-        study: a baseline study.
-        target: default: the study's ``target`` user attr.
-    """
-    target = _target(study) if target is None else target
-    rows = []
-    for t in _ordered(study):
-        evals = _evals(t)
-        col = f"val_{target.metric}"
-        reached = col in evals and any(target.reached(float(v)) for v in evals[col])
-        rows.append(
-            {
-                "number": t.number,
-                "state": t.state.name,
-                **{n: t.params.get(n, math.nan) for n in NAMES},
-                **ledger(t).as_dict(),
-                col: _final_value(t),
-                "diverged": bool(t.user_attrs.get(DIVERGED_ATTR, False)),
-                "reached": bool(reached),
-            }
-        )
-    columns = [
-        "number",
-        "state",
-        *NAMES,
-        *LEDGER_ATTRS,
-        f"val_{target.metric}",
-        "diverged",
-        "reached",
-    ]
-    out = pd.DataFrame(rows, columns=columns)
-    out["cum_rounds"] = out["rounds"].cumsum()
-    out["cum_examples"] = out["examples"].cumsum()
-    return out
-
-
-def cost_to_target(
-    study: optuna.Study, target: Target | None = None
-) -> tuple[int | None, int | None]:
-    """Rounds and client examples the whole tuning process spent until a model first met ``target``.
-
-    Trials are taken in number order: the full ledger of every trial before
-    the first one whose validation record meets the target, plus that
-    trial's rounds and examples up to its first evaluation meeting it
-    (:func:`fathom_tune.loop.rounds_to_target`). Computed from the storage
-    alone; running trials, which have recorded nothing yet, count 0.
-
-    Returns:
-        ``(rounds, examples)``, or ``(None, None)`` when no trial reached it.
-    """
-    target = _target(study) if target is None else target
-    spent = Cost()
-    for t in _ordered(study):
-        evals = _evals(t)
-        if len(evals):
-            r = rounds_to_target(evals, target, "rounds")
-            if r is not None:
-                e = rounds_to_target(evals, target, "examples")
-                return spent.rounds + r, spent.examples + e
-        spent = spent + ledger(t)
-    return None, None
+_log = logging.getLogger(__name__)
 
 
 def choose(study: optuna.Study) -> FrozenTrial | None:
@@ -238,156 +69,30 @@ def choose(study: optuna.Study) -> FrozenTrial | None:
     """
     done = [
         t
-        for t in _ordered(study)
-        if t.state == TrialState.COMPLETE and t.value is not None and math.isfinite(t.value)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.value is not None and math.isfinite(t.value)
     ]
     if not done:
         return None
     return max(done, key=lambda t: preference(t.number, t.value, study.direction))
 
 
-@dataclasses.dataclass(frozen=True)
-class BaselineResult:
-    """What a baseline returns; every field but ``params`` is read back from the storage.
-
-    Attributes:
-        study: the Optuna study (``<task>/<tuner>/seed<k>``).
-        history: one row per trial, see :func:`history`.
-        trial: the chosen trial (best final validation metric), or None.
-        hparams: its hyperparameters, or None.
-        validation_metric: its final validation value of the target metric.
-        test_metric: the test value of the target metric of its final model
-            (recorded, never used to choose), or None.
-        params: its final model when this call ran it, else None.
-        cost: the ledger summed over every trial of the study.
-        rounds_to_target: rounds spent by the whole tuning process until a
-            model first met the target (see :func:`cost_to_target`), or None.
-        examples_to_target: the same in client examples, or None.
-    """
-
-    study: optuna.Study
-    history: pd.DataFrame
-    trial: FrozenTrial | None
-    hparams: HParams | None
-    validation_metric: float | None
-    test_metric: float | None
-    params: object | None
-    cost: Cost
-    rounds_to_target: int | None
-    examples_to_target: int | None
-
-
-class _NotRun(Exception):
-    """A trial that the budget (or an exhausted grid) does not admit."""
-
-
-class _Budget:
-    """The budget rule of the module docstring, read from the storage each time."""
-
-    def __init__(
-        self,
-        task: Task,
-        space: Bounds,
-        *,
-        seed: int,
-        rounds: int,
-        examples: int | None,
-        max_trials: int | None,
+def _check_heartbeat(heartbeat) -> None:
+    if heartbeat is not None and (
+        not isinstance(heartbeat, tuple)
+        or len(heartbeat) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in heartbeat)
+        or not 0 < heartbeat[0] < heartbeat[1]
     ):
-        self.task = task
-        self.seed = seed
-        self.rounds = rounds
-        self.examples = examples
-        self.max_trials = max_trials
-        self.record = {"rounds": rounds, "examples": examples}
-        if examples is not None:
-            self.cheapest = cheapest_examples(task, space, seed=seed)
-            self.costliest = costliest_examples(task, task.bounds, seed=seed)
-
-    def committed(
-        self, trials: Sequence[FrozenTrial], below: int | None = None, retrying: bool = False
-    ) -> tuple[int, int]:
-        """Rounds and examples of finished trials plus full reservations of running ones.
-
-        With ``retrying`` (the storage retries stale trials), a stale-failed
-        trial whose retry is not there yet still counts as running.
-        """
-        rounds = examples = 0
-        waiting_for_retry = _awaiting_retry(trials) if retrying else set()
-        for t in trials:
-            if t.state.is_finished() and t.number not in waiting_for_retry:
-                c = ledger(t)
-                rounds, examples = rounds + c.rounds, examples + c.examples
-            elif below is None or t.number < below:
-                rounds += t.user_attrs.get(_RESERVED_ROUNDS, self.task.num_rounds)
-                if self.examples is not None:
-                    examples += t.user_attrs.get(_RESERVED_EXAMPLES, self.costliest)
-        return rounds, examples
-
-    def stop_reason(self, study: optuna.Study) -> str | None:
-        """Why no further trial may start, or None."""
-        with warnings.catch_warnings():  # a deliberate use, not news for every trial
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # no-op without an RDB heartbeat
-        trials = study.get_trials(deepcopy=False)
-        if any(t.state == TrialState.WAITING for t in trials):
-            return None  # a retry, already reserved
-        if self.max_trials is not None and len(trials) >= self.max_trials:
-            return f"the grid's {self.max_trials} configurations have all been started"
-        if any(t.user_attrs.get(NOT_RUN_ATTR, {}).get("budget") == self.record for t in trials):
-            return "a trial was already refused under this budget"
-        rounds, examples = self.committed(trials, retrying=_retries_stale_trials(study))
-        if rounds + self.task.num_rounds > self.rounds:
-            return (
-                f"{self.rounds - rounds} of budget_rounds={self.rounds} left, "
-                f"one trial needs {self.task.num_rounds}"
-            )
-        if self.examples is not None and examples + self.cheapest > self.examples:
-            return (
-                f"{self.examples - examples} of budget_examples={self.examples} left, "
-                f"the cheapest trial needs {self.cheapest}"
-            )
-        return None
-
-    def admit(self, trial: optuna.Trial, hparams: HParams) -> None:
-        """Reserves ``trial``'s full cost, or finishes it unrun (raises :class:`_NotRun`)."""
-        need = projected_cost(self.task, hparams, seed=self.seed)
-        trial.set_user_attr(_RESERVED_ROUNDS, need.rounds)
-        if self.examples is not None:
-            trial.set_user_attr(_RESERVED_EXAMPLES, need.examples)
-        trials = trial.study.get_trials(deepcopy=False)
-        rounds, examples = self.committed(
-            trials, below=trial.number, retrying=_retries_stale_trials(trial.study)
+        raise ValueError(
+            f"heartbeat must be None or (interval, grace_period) ints with "
+            f"0 < interval < grace_period, got {heartbeat!r}"
         )
-        reason = None
-        retry = "retry_history" in trial.study._storage.get_trial_system_attrs(trial._trial_id)
-        if self.max_trials is not None and trial.number >= self.max_trials and not retry:
-            reason = f"the grid's {self.max_trials} configurations have all been started"
-        elif rounds + need.rounds > self.rounds:
-            reason = (
-                f"needs {need.rounds} rounds, {self.rounds - rounds} of "
-                f"budget_rounds={self.rounds} left"
-            )
-        elif self.examples is not None and examples + need.examples > self.examples:
-            reason = (
-                f"needs {need.examples} client examples, {self.examples - examples} of "
-                f"budget_examples={self.examples} left"
-            )
-        if reason is not None:
-            trial.set_user_attr(NOT_RUN_ATTR, {"reason": reason, "budget": self.record})
-            trial.study.stop()
-            raise _NotRun(f"trial {trial.number} not run: {reason}")
-
-
-def _check_seed(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return int(value)
 
 
 def run(
     task: Task,
-    name: str,
+    name: str | Baseline,
     *,
     budget_rounds: int,
     budget_examples: int | None = None,
@@ -397,8 +102,8 @@ def run(
     worker: int = 0,
     checkpoint_dir=None,
     heartbeat: tuple[int, int] | None = (10, 30),
-    progress: bool = True,
-) -> BaselineResult:
+    progress: bool = False,
+) -> TuningResult:
     """Runs baseline ``name`` on ``task`` until the tuning budget is spent.
 
     Every trial is one full static FedAvg run (:class:`~baselines.Objective`)
@@ -414,7 +119,8 @@ def run(
 
     Args:
         task: the federated task.
-        name: a baseline of :data:`~baselines.REGISTRY`, e.g. ``"tpe+hyperband"``.
+        name: a baseline of :data:`~baselines.REGISTRY`, e.g. ``"tpe+hyperband"``,
+            or a :class:`~baselines.Baseline`.
         budget_rounds: total communication rounds of all trials; at least
             ``task.num_rounds`` (one trial).
         budget_examples: optional total client examples of all trials.
@@ -443,30 +149,36 @@ def run(
             cannot be opened. Nothing is written then.
         ImportError: ``"gp..."`` without torch (install ``fathom-tune[gp]``).
 
+    Returns:
+        A :class:`~fathom_tune.tuners.TuningResult`: ``history`` has one row
+        per trial (:attr:`fathom_tune.record.RunRecord.steps`), ``hparams``
+        and the metrics are the chosen trial's, ``params`` its final model
+        when this call ran it or its checkpoint holds it, ``cost`` the sum
+        over every trial of the study.
+
     Example:
         >>> import fathom_tune, baselines
         >>> task = fathom_tune.tasks.digits().replace(num_rounds=4, eval_every=2)
-        >>> out = baselines.run(task, "random", budget_rounds=10, seed=0, progress=False)
+        >>> out = baselines.run(task, "random", budget_rounds=10, seed=0)
         >>> len(out.study.trials), out.cost.rounds
         (2, 8)
     """
     if not isinstance(task, Task):
         raise TypeError(f"task must be a fathom_tune.Task, got {type(task).__name__}")
-    baseline = get(name)
-    seed = _check_seed("seed", seed)
-    worker = _check_seed("worker", worker)
+    baseline = name if isinstance(name, Baseline) else get(name)
+    seed = checks.seed("seed", seed)
+    worker = checks.seed("worker", worker)
     space = check_space(space, task)
-    budget_rounds = check_positive_int("budget_rounds", budget_rounds)
+    budget_rounds = checks.positive_int("budget_rounds", budget_rounds)
     if budget_rounds < task.num_rounds:
         raise ValueError(
             f"budget_rounds={budget_rounds} is smaller than one trial: task {task.name!r} "
             f"runs num_rounds={task.num_rounds} rounds per trial; allowed: >= {task.num_rounds}"
         )
     if budget_examples is not None:
-        budget_examples = check_positive_int("budget_examples", budget_examples)
-    if isinstance(baseline.sampler, GP):
-        baseline.sampler.check_available()
-    budget = _Budget(
+        budget_examples = checks.positive_int("budget_examples", budget_examples)
+    baseline.check_available()
+    budget = Budget(
         task,
         space,
         seed=seed,
@@ -481,33 +193,60 @@ def run(
         )
 
     def on_start(trial: optuna.Trial, hparams: HParams) -> None:
-        trial.set_user_attr(WORKER_ATTR, worker)
+        trial.set_user_attr(record.WORKER, worker)
         budget.admit(trial, hparams)
 
-    if heartbeat is not None and (
-        not isinstance(heartbeat, tuple)
-        or len(heartbeat) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in heartbeat)
-        or not 0 < heartbeat[0] < heartbeat[1]
-    ):
-        raise ValueError(
-            f"heartbeat must be None or (interval, grace_period) ints with "
-            f"0 < interval < grace_period, got {heartbeat!r}"
-        )
-    objective = Objective(
-        task, seed=seed, space=space, on_start=on_start, checkpoint_dir=checkpoint_dir
-    )
-    opened = fathom_tune.open_storage(storage, heartbeat=heartbeat)  # the first thing that may write
+    _check_heartbeat(heartbeat)
+    objective = Objective(task, seed=seed, space=space, on_start=on_start, checkpoint_dir=checkpoint_dir)
+    opened = open_storage(storage, heartbeat=heartbeat)  # the first thing that may write
+    study = _open_study(opened, task, baseline, seed, worker, space, budget)
+    spent = _spent(study).rounds
+    _log.info("%s: %d of %d rounds spent, worker %d", study.study_name, spent, budget_rounds, worker)
+    bar = tqdm(total=budget_rounds, initial=spent, desc=study.study_name, unit="round", disable=not progress)
 
-    sname = fathom_tune.make_study_name(task.name, name, seed)
+    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+        bar.update(record.step_cost(trial).rounds)
+        objective.remove_beaten(study)  # now that the trial is told (see remove_beaten)
+        best = choose(study)
+        if best is not None:
+            bar.set_postfix({task.target.metric: f"{best.value:.4f}"})
+        if budget.stop_reason(study) is not None:
+            study.stop()
+
+    with bar:
+        if budget.stop_reason(study) is None:
+            study.optimize(objective, callbacks=[after_trial], catch=(NotRun,), gc_after_trial=False)
+
+    chosen = choose(study)  # the latest worker to finish leaves the final choice
+    validation = {}
+    if chosen is not None:
+        study.set_user_attr(record.CHOSEN_TRIAL, chosen.number)
+        last = (chosen.user_attrs.get(record.EVALS) or [{}])[-1]
+        validation = {k[4:]: v for k, v in last.items() if k.startswith("val_")}
+    record.write_outcome(
+        study,
+        hparams=None if chosen is None else HParams(**{n: chosen.params[n] for n in NAMES}),
+        validation=validation,
+        test={} if chosen is None else chosen.user_attrs.get(record.TEST, {}),
+        ledger=_spent(study),
+    )
+    params = None if chosen is None else objective.final_model(study, chosen)
+    return result_from_record(record.read_run(study), params=params)
+
+
+def _spent(study: optuna.Study) -> Cost:
+    return sum((record.step_cost(t) for t in study.get_trials(deepcopy=False)), Cost())
+
+
+def _open_study(opened, task: Task, baseline: Baseline, seed: int, worker: int, space: Bounds, budget: Budget):
+    """The study ``<task>/<baseline>/seed<k>``, created or continued, with its header written."""
+    sname = record.study_name(task.name, baseline.name, seed)
     direction = "maximize" if task.target.mode == "max" else "minimize"
     # The sampler must exist before the study; its stream needs the study's trial count.
     existing = 0
     if opened is not None:
         try:
-            existing = len(
-                opened.get_all_trials(opened.get_study_id_from_name(sname), deepcopy=False)
-            )
+            existing = len(opened.get_all_trials(opened.get_study_id_from_name(sname), deepcopy=False))
         except KeyError:  # a new study
             pass
     sampler = baseline.sampler.build(space, seed=seed, stream=worker * 1_000_003 + existing)
@@ -519,58 +258,16 @@ def run(
         pruner=baseline.build_pruner(task),
         load_if_exists=True,
     )
-    attrs = {
-        "task": task.name,
-        "tuner": name,
-        "seed": seed,
-        "budget_rounds": budget.rounds,
-        "budget_examples": budget.examples,
-        "version": fathom_tune.__version__,
-        "target_metric": task.target.metric,
-        "target_value": task.target.value,
-        "target_mode": task.target.mode,
-        "trial_rounds": task.num_rounds,
-    }
-    for key, value in attrs.items():
-        if study.user_attrs.get(key) != value:
-            study.set_user_attr(key, value)
-
-    spent = total_cost(study).rounds
-    bar = tqdm(total=budget_rounds, initial=spent, desc=sname, unit="round", disable=not progress)
-
-    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
-        bar.update(ledger(trial).rounds)
-        objective.remove_beaten(study)  # now that the trial is told (see remove_beaten)
-        best = choose(study)
-        if best is not None:
-            bar.set_postfix({task.target.metric: f"{best.value:.4f}"})
-        if budget.stop_reason(study) is not None:
-            study.stop()
-
-    with bar:
-        if budget.stop_reason(study) is None:
-            study.optimize(
-                objective, callbacks=[after_trial], catch=(_NotRun,), gc_after_trial=False
-            )
-
-    chosen = choose(study)
-    test = None if chosen is None else chosen.user_attrs.get(f"test_{task.target.metric}")
-    if chosen is not None:  # the latest worker to finish leaves the final choice
-        study.set_user_attr("chosen_trial", chosen.number)
-        for key, value in chosen.user_attrs.items():
-            if key.startswith("test_"):
-                study.set_user_attr(key, value)
-    params = None if chosen is None else objective.final_model(study, chosen)
-    rtt, ett = cost_to_target(study, task.target)
-    return BaselineResult(
-        study=study,
-        history=history(study, task.target),
-        trial=chosen,
-        hparams=None if chosen is None else HParams(**{n: chosen.params[n] for n in NAMES}),
-        validation_metric=None if chosen is None else float(chosen.value),
-        test_metric=test,
-        params=params,
-        cost=total_cost(study),
-        rounds_to_target=rtt,
-        examples_to_target=ett,
+    record.write_header(
+        study,
+        task=task.name,
+        tuner=baseline.name,
+        seed=seed,
+        unit="run",
+        target=task.target,
+        rounds_per_run=task.num_rounds,
+        budget_rounds=budget.rounds,
+        budget_examples=budget.examples,
+        config=baseline.describe(),
     )
+    return study

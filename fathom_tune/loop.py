@@ -17,9 +17,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from fathom_tune._hparams import HParams
+from fathom_tune import checks
 from fathom_tune.engine import Cost, Engine, RoundResult, ServerState
-from fathom_tune.task import Target, check_positive_int
+from fathom_tune.hparams import HParams
+from fathom_tune.task import Target
 
 __all__ = [
     "Outcome",
@@ -27,7 +28,6 @@ __all__ = [
     "RunResult",
     "Schedule",
     "Static",
-    "fedavg",
     "rounds_to_target",
     "run",
 ]
@@ -107,29 +107,23 @@ class Progress:
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    """One training run.
+    """What :func:`run` returns: one training run, for the tuner that ran it.
 
     Attributes:
         state: the final server state (the last accepted model).
         history: one row per round (see :func:`run`).
         cost: the run's total cost (every round, discarded ones too).
         final_metrics: validation metrics of the final model.
-        target: the task's target, used by :meth:`rounds_to_target`.
     """
 
     state: ServerState
     history: pd.DataFrame
     cost: Cost
     final_metrics: dict[str, float]
-    target: Target
 
     @property
     def params(self):
         return self.state.params
-
-    def rounds_to_target(self, target: Target | None = None) -> int | None:
-        """Rounds until validation first met ``target`` (default: the task's), or None."""
-        return rounds_to_target(self.history, target or self.target)
 
 
 def rounds_to_target(history: pd.DataFrame, target: Target, column: str = "rounds") -> int | None:
@@ -168,7 +162,7 @@ def run(
     cost still counts) and the schedule is told ``accepted=False``.
 
     The history has one row per round: ``round``, the three hyperparameters,
-    ``local_steps`` (sum over clients), ``train_loss``, ``G``, ``accepted``,
+    ``local_steps`` (sum over clients), ``train_loss``, ``accepted``,
     the validation metrics as ``val_<name>`` on evaluation rounds (NaN
     elsewhere), the cumulative ``rounds``, ``examples``, ``steps``,
     ``bytes_up``, ``bytes_down``, ``seconds``, and what the schedule adds.
@@ -194,8 +188,8 @@ def run(
         ([1, 2, 3, 4], 4)
     """
     task = engine.task
-    num_rounds = check_positive_int("num_rounds", task.num_rounds if num_rounds is None else num_rounds)
-    eval_every = check_positive_int("eval_every", task.eval_every if eval_every is None else eval_every)
+    num_rounds = checks.positive_int("num_rounds", task.num_rounds if num_rounds is None else num_rounds)
+    eval_every = checks.positive_int("eval_every", task.eval_every if eval_every is None else eval_every)
     if resume is not None:
         state, cost = resume.state, resume.cost
         rows, final_metrics = [dict(r) for r in resume.rows], dict(resume.final_metrics)
@@ -240,7 +234,7 @@ def run(
         for k, v in final_metrics.items():
             rows[-1][f"val_{k}"] = v
     history = pd.DataFrame(rows)
-    return RunResult(state=state, history=history, cost=cost, final_metrics=final_metrics, target=task.target)
+    return RunResult(state=state, history=history, cost=cost, final_metrics=final_metrics)
 
 
 def _row(result: RoundResult, metrics, accepted: bool, cost: Cost, extra: dict) -> dict:
@@ -249,7 +243,6 @@ def _row(result: RoundResult, metrics, accepted: bool, cost: Cost, extra: dict) 
         **result.hparams.as_dict(),
         "local_steps": int(np.sum(result.local_steps)),
         "train_loss": result.train_loss,
-        "G": result.local_hypergradient,
         "accepted": accepted,
     }
     if metrics is not None:
@@ -257,28 +250,3 @@ def _row(result: RoundResult, metrics, accepted: bool, cost: Cost, extra: dict) 
     row.update(cost.as_dict())
     row.update(extra)
     return row
-
-
-def fedavg(
-    task,
-    hparams: HParams | None = None,
-    *,
-    seed: int = 0,
-    num_rounds: int | None = None,
-    eval_every: int | None = None,
-    progress: bool | str = False,
-    **engine_kwargs,
-) -> RunResult:
-    """Static FedAvg on ``task`` (default: the task's initial hyperparameters).
-
-    Example:
-        >>> import fathom_tune
-        >>> out = fedavg(fathom_tune.tasks.digits(), num_rounds=3)
-        >>> out.cost.rounds
-        3
-    """
-    hparams = task.init_hparams if hparams is None else hparams
-    if not isinstance(hparams, HParams):
-        raise TypeError(f"hparams must be an HParams, got {hparams!r}")
-    engine = Engine(task, seed=seed, **engine_kwargs)
-    return run(engine, Static(hparams), num_rounds=num_rounds, eval_every=eval_every, progress=progress)

@@ -8,18 +8,10 @@ import numbers
 
 import fedjax
 
-from fathom_tune._hparams import Bounds, HParams
+from fathom_tune import checks
+from fathom_tune.hparams import Bounds, HParams
 
-__all__ = ["Target", "Task", "check_positive_int"]
-
-
-def check_positive_int(name: str, value) -> int:
-    """Returns ``value`` as an int, or raises naming ``name`` and what is allowed."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}")
-    return int(value)
+__all__ = ["Target", "Task"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +104,7 @@ class Task:
         if not isinstance(self.model, fedjax.Model):
             raise TypeError(f"Task.model must be a fedjax.Model, got {type(self.model).__name__}")
         for f in ("clients_per_round", "num_rounds", "eval_every"):
-            check_positive_int(f"Task.{f}", getattr(self, f))
+            checks.positive_int(f"Task.{f}", getattr(self, f))
         n = self.train.num_clients()
         if self.clients_per_round > n:
             raise ValueError(

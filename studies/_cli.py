@@ -13,7 +13,7 @@ import tempfile
 
 import sqlalchemy.engine
 
-from fathom_tune._storage import mask_url
+from fathom_tune.storage import mask_url
 
 __all__ = ["dashboard_command", "storage_problem", "unwritable_reason"]
 
@@ -59,7 +59,7 @@ def storage_problem(storage: str) -> str | None:
     must exist or be creatable. Another URL: its scheme must name an
     SQLAlchemy dialect (a server is only reached when the storage is opened).
     A journal file path: not a directory, in an existing directory. The
-    message masks any password (:func:`fathom_tune._storage.mask_url`).
+    message masks any password (:func:`fathom_tune.storage.mask_url`).
 
     >>> storage_problem("sqlite:///reports/x.db") is None
     True

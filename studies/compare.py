@@ -1,4 +1,4 @@
-"""FATHOM against the baselines on one task, several seeds, one storage, one report.
+"""FATHOM against the other tuners on one task, several seeds, one storage, one report.
 
 Usage:
     python -m studies.compare --quick
@@ -6,11 +6,12 @@ Usage:
                               [--seeds 0 1 2] [--budget-multiple 10 | --budget-rounds N]
                               [--rounds N] [--storage URL] [--out reports]
 
-FATHOM ("Federated Hypergradient Descent", A. K. Kan, arXiv 2211.02106) gets
-one training run of ``--rounds`` rounds (default: the task's ``num_rounds``)
-per seed; every baseline gets the same tuning budget per seed, in
-communication rounds summed over all its trials (default: ``--budget-multiple``
-x one run). Every study lands in one Optuna storage, named
+Every registered tuner (:mod:`fathom_tune.tuners`: FATHOM, "Federated
+Hypergradient Descent", A. K. Kan, arXiv 2211.02106; the search baselines;
+any tuner a package registers) runs through the one tuner interface with the
+same tuning budget per seed, in communication rounds summed over all it
+trains (default: ``--budget-multiple`` x one run of ``--rounds`` rounds); a
+tuner that adapts during one run, such as FATHOM, spends one run of it. Every study lands in one Optuna storage, named
 ``<task>/<tuner>/seed<k>`` (default storage: ``sqlite:///<out>/compare.db``),
 and the report ``<out>/<task>/report.md`` (+ ``report.html``, CSV and
 markdown tables, PNG figures) is built from that storage alone
@@ -19,12 +20,12 @@ markdown tables, PNG figures) is built from that storage alone
 at the end, the password of the URL masked).
 
 Resuming: re-running the same command continues where it stopped. Runs
-checkpoint into ``<out>/checkpoints/``. A baseline study continues its
-tuning budget (finished trials are not run again; a trial cut off mid-run
-continues from its checkpoint; a study whose budget is spent runs nothing).
-A FATHOM study that holds its whole run is skipped; one that holds part of
-a run continues from its checkpoint and ends as an uninterrupted run would
-(one without a checkpoint, written by an older version, is run again).
+checkpoint into ``<out>/checkpoints/``. A search study continues its tuning
+budget (finished trials are not run again; a trial cut off mid-run continues
+from its checkpoint; a study whose budget is spent runs nothing). A FATHOM
+study that holds its whole run is read back; one that holds part of a run
+continues from its checkpoint and ends as an uninterrupted run would (one
+without a checkpoint is run again).
 
 ``--quick``: digits, tuners ``fathom random tpe tpe+hyperband``, seeds 0 and 1,
 training runs of 50 rounds, baseline budget 6 runs (300 rounds): a few
@@ -34,6 +35,7 @@ minutes on two CPU cores, compilation included.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import pathlib
@@ -42,11 +44,11 @@ import time
 
 import optuna
 
-import baselines
 import fathom_tune
-from fathom_tune._storage import mask_url
+from fathom_tune import record, tuners
+from fathom_tune.storage import mask_url
 from studies._cli import SQLITE, dashboard_command, storage_problem, unwritable_reason
-from studies.report import FATHOM, LEDGER_ATTR, build_report
+from studies.report import build_report
 
 QUICK = {
     "task": "digits",
@@ -61,8 +63,8 @@ DEFAULT_MULTIPLE = 10.0
 
 
 def valid_tuners() -> list[str]:
-    """``fathom`` and every registered baseline."""
-    return [FATHOM, *sorted(baselines.REGISTRY)]
+    """Every registered tuner (:func:`fathom_tune.tuners.names`)."""
+    return tuners.names()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -153,11 +155,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if len(set(args.tuners)) != len(args.tuners):
         parser.error(f"--tuners lists a tuner twice: {args.tuners}")
     for t in args.tuners:
-        if t != FATHOM and isinstance(baselines.get(t).sampler, baselines.GP):
-            try:
-                baselines.GP.check_available()
-            except ImportError as exc:
-                parser.error(f"--tuners: tuner {t!r}: {exc}")
+        check = getattr(tuners.get(t), "check_available", None)
+        try:
+            if check is not None:
+                check()
+        except ImportError as exc:
+            parser.error(f"--tuners: tuner {t!r}: {exc}")
     if any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct ints >= 0, got {args.seeds}")
     if args.rounds is not None and args.rounds < 1:
@@ -173,10 +176,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.task_obj = task
     if args.budget_rounds is None:
         args.budget_rounds = round(args.budget_multiple * task.num_rounds)
-    if any(t != FATHOM for t in args.tuners) and args.budget_rounds < task.num_rounds:
+    if args.budget_rounds < task.num_rounds:
         parser.error(
-            f"--budget-rounds/--budget-multiple: baseline budget of {args.budget_rounds} rounds "
-            "is smaller than one baseline trial "
+            f"--budget-rounds/--budget-multiple: budget of {args.budget_rounds} rounds "
+            "is smaller than one training run "
             f"({task.num_rounds} rounds of task {args.task!r}); use --budget-rounds >= {task.num_rounds} "
             "or --budget-multiple >= 1"
         )
@@ -202,89 +205,32 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _check_existing(storage, args) -> str | None:
     """Why the storage's existing studies conflict with this comparison, or None."""
     task = args.task_obj
-    names = {
-        s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-    }
+    names = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     for tuner in args.tuners:
         for seed in args.seeds:
-            name = fathom_tune.make_study_name(task.name, tuner, seed)
+            name = record.study_name(task.name, tuner, seed)
             if name not in names or not names[name].n_trials:
                 continue
-            attrs = names[name].user_attrs
-            key, want = (
-                ("budget_rounds", task.num_rounds)
-                if tuner == FATHOM
-                else ("trial_rounds", task.num_rounds)
-            )
-            have = attrs.get(key)
-            if have is not None and have != want:
+            have = names[name].user_attrs.get(record.ROUNDS_PER_RUN)
+            if have is not None and have != task.num_rounds:
                 return (
                     f"study {name!r} in this storage holds runs of {have} rounds, this comparison "
-                    f"asks for {want}; use another --storage (or --out) or the same --rounds"
+                    f"asks for {task.num_rounds}; use another --storage (or --out) or the same --rounds"
                 )
     return None
 
 
-def _checkpoints(out_root: pathlib.Path, task, tuner: str, seed: int) -> pathlib.Path:
-    """Where a run of ``tuner`` keeps its checkpoints: ``<out>/checkpoints/<task>-<tuner>-seed<k>``."""
-    directory = out_root / "checkpoints"
-    directory.mkdir(exist_ok=True)
-    return directory / f"{task.name}-{tuner}-seed{seed}"
-
-
-def _run_fathom(storage, task, seed: int, progress: bool, out_root: pathlib.Path) -> str:
-    name = fathom_tune.make_study_name(task.name, FATHOM, seed)
-    checkpoint = _checkpoints(out_root, task, FATHOM, seed).with_suffix(".npz")
-    existing = {
-        s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-    }
-    note = ""
-    if name in existing:
-        s = existing[name]
-        if s.n_trials >= task.num_rounds and f"test_{task.target.metric}" in s.user_attrs:
-            return f"{name}: complete ({s.n_trials} rounds), skipped"
-        if checkpoint.exists():
-            note = f"{name}: resumed from {checkpoint.name}; "
-        else:
-            optuna.delete_study(study_name=name, storage=storage)
-            if s.n_trials:
-                note = f"{name}: held {s.n_trials} rounds and no checkpoint, deleted and run again; "
-    elif checkpoint.exists():
-        checkpoint.unlink()  # its study is gone; start over
-    result = fathom_tune.optimize(
-        task,
-        seed=seed,
-        storage=storage,
-        study_name=name,
-        checkpoint=checkpoint,
-        progress=progress,
+def _run_tuner(name: str, storage, task, seed: int, budget: int, progress: bool, out_root) -> str:
+    """Runs (or continues) one tuner on one seed; returns a line for the log."""
+    study = record.study_name(task.name, name, seed)
+    before = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}.get(study, 0)
+    checkpoints = out_root / "checkpoints"
+    checkpoints.mkdir(exist_ok=True)
+    result = tuners.get(name).run(
+        task, budget_rounds=budget, seed=seed, storage=storage, checkpoint_dir=checkpoints, progress=progress
     )
-    result.study.set_user_attr(LEDGER_ATTR, result.cost.as_dict())
-    return f"{note}{name}: ran {result.cost.rounds} rounds"
-
-
-def _run_baseline(
-    storage, task, tuner: str, seed: int, budget: int, progress: bool, out_root: pathlib.Path
-) -> str:
-    name = fathom_tune.make_study_name(task.name, tuner, seed)
-    before = sum(
-        s.n_trials
-        for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-        if s.study_name == name
-    )
-    directory = _checkpoints(out_root, task, tuner, seed)
-    directory.mkdir(exist_ok=True)
-    out = baselines.run(
-        task,
-        tuner,
-        budget_rounds=budget,
-        seed=seed,
-        storage=storage,
-        checkpoint_dir=directory,
-        progress=progress,
-    )
-    added = len(out.study.trials) - before
-    return f"{name}: {added} new trials, {len(out.study.trials)} in all, {out.cost.rounds} of {budget} rounds"
+    trials = len(result.study.trials)
+    return f"{study}: {trials - before} new trials, {trials} in all, {result.cost.rounds} rounds spent"
 
 
 def main(argv=None) -> int:
@@ -307,23 +253,20 @@ def main(argv=None) -> int:
         print(f"python -m studies.compare: error: {conflict}", file=sys.stderr)
         return 2
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.basicConfig(format="%(message)s")
+    for name in ("fathom_tune", "baselines"):  # what the tuners say: resumed, read back, ...
+        logging.getLogger(name).setLevel(logging.INFO)
     task = args.task_obj
     start = time.perf_counter()
     print(
-        f"comparing {', '.join(args.tuners)} on {task.name}, seeds {args.seeds}: FATHOM one run of "
-        f"{task.num_rounds} rounds, baselines {args.budget_rounds} rounds each; storage "
+        f"comparing {', '.join(args.tuners)} on {task.name}, seeds {args.seeds}: runs of "
+        f"{task.num_rounds} rounds, a budget of {args.budget_rounds} rounds each; storage "
         f"{mask_url(args.storage)}",
         flush=True,
     )
     for seed in args.seeds:
         for tuner in args.tuners:
-            if tuner == FATHOM:
-                line = _run_fathom(storage, task, seed, progress, out_root)
-            else:
-                line = _run_baseline(
-                    storage, task, tuner, seed, args.budget_rounds, progress, out_root
-                )
-            print(line, flush=True)
+            print(_run_tuner(tuner, storage, task, seed, args.budget_rounds, progress, out_root), flush=True)
     report = build_report(
         args.storage, task.name, args.report_dir, tuners=args.tuners, seeds=args.seeds
     )

@@ -23,8 +23,8 @@ import optuna
 import pandas as pd
 
 import fathom_tune
-from fathom_tune._checkpoint import load_checkpoint
-from fathom_tune._storage import mask_url
+from fathom_tune.checkpoint import load_checkpoint
+from fathom_tune.storage import mask_url
 from studies._cli import SQLITE, dashboard_command, storage_problem
 
 PROG = "python -m studies.fathom"
@@ -64,7 +64,7 @@ def parse_args(argv):
                 meta, _ = load_checkpoint(path, kind="fathom", templates={})
             except fathom_tune.CheckpointError as exc:
                 parser.error(f"--checkpoint: {exc}")
-            args.resume_study = (meta.get("fingerprint") or {}).get("study_name")
+            args.resume_study = (meta.get("fingerprint") or {}).get("study")
     return args
 
 
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     name = args.study_name or args.resume_study
     try:
         if name is None:
-            name = free_study_name(storage, fathom_tune.make_study_name(task.name, "fathom", args.seed))
+            name = free_study_name(storage, fathom_tune.study_name(task.name, "fathom", args.seed))
         result = fathom_tune.optimize(
             task,
             seed=args.seed,
@@ -106,6 +106,7 @@ def main(argv=None) -> int:
             storage=storage,
             study_name=name,
             checkpoint=args.checkpoint,
+            progress=True,
         )
     except fathom_tune.CheckpointError as exc:
         print(f"{PROG}: error: --checkpoint: {exc}", file=sys.stderr)
@@ -113,11 +114,11 @@ def main(argv=None) -> int:
     metric = f"val_{task.target.metric}"
     with pd.option_context("display.max_rows", None, "display.width", 160, "display.float_format", "{:.4g}".format):
         print(result.history[COLUMNS + [metric, "examples", "seconds"]].to_string(index=False))
-    reached = result.rounds_to_target()
+    reached = result.rounds_to_target
     print(f"\ntask {task.name}: target validation {task.target.metric} "
           f"{'>=' if task.target.mode == 'max' else '<='} {task.target.value}")
     print(f"rounds to target: {reached if reached is not None else 'not reached'}")
-    print(f"final validation: {result.final_metrics}")
+    print(f"final validation: {result.validation_metrics}")
     print(f"final test:       {result.test_metrics}")
     print(f"next hyperparameters: {result.hparams}")
     print(f"cost: {result.cost}")

@@ -49,17 +49,21 @@ def starts(task) -> dict[str, HParams]:
     )
 
 
+RUNNERS = {
+    "fathom": lambda task, start, seed, **kw: fathom_tune.optimize(
+        task, config=fathom_tune.FathomConfig(init=start), seed=seed, **kw
+    ),
+    "fedavg": lambda task, start, seed, **kw: fathom_tune.fedavg(task, start, seed=seed, **kw),
+}
+"""FATHOM from a start, and static FedAvg with the start's hyperparameters."""
+
+
 def run_one(task, tuner: str, start: HParams, seed: int, **engine_kwargs) -> dict:
-    if tuner == "fathom":
-        out = fathom_tune.optimize(
-            task, config=fathom_tune.FathomConfig(init=start), seed=seed, progress=False, **engine_kwargs
-        )
-    else:
-        out = fathom_tune.fedavg(task, start, seed=seed, **engine_kwargs)
+    out = RUNNERS[tuner](task, start, seed, **engine_kwargs)
     metric = f"val_{task.target.metric}"
     return {
-        "rounds_to_target": out.rounds_to_target(),
-        "examples_to_target": fathom_tune.loop.rounds_to_target(out.history, task.target, "examples"),
+        "rounds_to_target": out.rounds_to_target,
+        "examples_to_target": out.examples_to_target,
         "final_val": out.history[metric].dropna().iloc[-1],
         "best_val": out.history[metric].max(),
         "seconds": out.cost.seconds,
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
             if args.starts and label not in args.starts:
                 continue
             for seed in args.seeds:
-                for tuner in ("fathom", "fedavg"):
+                for tuner in RUNNERS:
                     r = run_one(task, tuner, start, seed, client_block=args.client_block,
                                 steps_per_call=args.steps_per_call)
                     rows.append({"task": name, "start": label, "tuner": tuner, "seed": seed, **r})

@@ -25,8 +25,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from _toy import toy_task
 
 import baselines
-import baselines._objective
 import fathom_tune
+import fathom_tune.checkpoint
 from fathom_tune.engine import Engine
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -70,13 +70,13 @@ def baseline(
     storage: str, checkpoint_dir: str, worker: str, budget_rounds: str, stall: str
 ) -> None:
     if stall == "1":
-        real = baselines._objective.save_checkpoint
+        real = fathom_tune.checkpoint.save_run
 
         def save_then_hang(*args, **kwargs):
             real(*args, **kwargs)
             _hang()
 
-        baselines._objective.save_checkpoint = save_then_hang
+        fathom_tune.checkpoint.save_run = save_then_hang
     # Widen the moment between a stale trial's FAIL and its retry's creation
     # (two transactions) so that other workers act inside it.
     real_retry = optuna.storages.RetryHeartbeatStaleTrialCallback.__call__

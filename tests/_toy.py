@@ -74,3 +74,19 @@ def toy_task(sizes=(30, 45, 60, 25, 50, 40), clients_per_round=4, seed=0, model=
 
 
 assert fathom_tune  # the package import applies the fedjax compatibility shim
+
+
+def crash_in_round(monkeypatch, round_index: int, error: type[BaseException]):
+    """Makes every engine raise ``error`` when it starts round ``round_index``;
+    returns the real ``Engine.run_round`` (``monkeypatch.setattr`` it back to recover)."""
+    from fathom_tune.engine import Engine
+
+    real = Engine.run_round
+
+    def run_round(self, state, hparams):
+        if state.round == round_index:
+            raise error
+        return real(self, state, hparams)
+
+    monkeypatch.setattr(Engine, "run_round", run_round)
+    return real

@@ -13,9 +13,10 @@ from optuna.trial import TrialState
 
 import baselines
 import fathom_tune
+from fathom_tune import record
 from baselines import REGISTRY
 from fathom_tune import Bounds, HParams, Target
-from fathom_tune.loop import fedavg
+from fathom_tune import fedavg
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -59,8 +60,17 @@ def journal_studies(path):
     ).get_all_studies()
 
 
+def cost(trial):
+    """What a trial recorded it spent (the run record's ``cost``)."""
+    return record.step_cost(trial)
+
+
 def trial_rounds(trial):
-    return trial.user_attrs.get("rounds", 0)
+    return cost(trial).rounds
+
+
+def total_cost(study):
+    return sum((cost(t) for t in study.trials), fathom_tune.Cost())
 
 
 # ------------------------------------------------------------------ every registry entry
@@ -106,7 +116,7 @@ def test_every_baseline_runs_within_budget_and_records_its_ledger(task, name, tm
         # One report per evaluation round (eval_every=1), the ledger's rounds match them.
         assert steps == list(range(1, trial_rounds(t) + 1))
         assert [e["rounds"] for e in t.user_attrs["evals"]] == steps
-        assert t.user_attrs["examples"] > 0 and t.user_attrs["bytes_up"] > 0
+        assert cost(t).examples > 0 and cost(t).bytes_up > 0
         if t.state == TrialState.COMPLETE:
             assert trial_rounds(t) == ROUNDS and t.value == t.intermediate_values[ROUNDS]
         else:
@@ -118,13 +128,13 @@ def test_every_baseline_runs_within_budget_and_records_its_ledger(task, name, tm
     # Ledger totals and history cover every trial.
     assert list(out.history["number"]) == [t.number for t in trials]
     assert out.history["cum_rounds"].iloc[-1] == spent
-    assert out.cost.examples == sum(t.user_attrs["examples"] for t in trials)
+    assert out.cost.examples == sum(cost(t).examples for t in trials)
     # The chosen configuration is the validation argmax among completed trials.
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(done, key=lambda t: (t.value, -t.number))
-    assert out.trial.number == best.number and out.validation_metric == best.value
+    assert out.validation_metrics["accuracy"] == best.value
     assert out.hparams == HParams(**best.params)
-    assert out.test_metric == best.user_attrs["test_accuracy"] == attrs["test_accuracy"]
+    assert out.test_metrics == best.user_attrs["test"] == attrs["test"]
     assert attrs["chosen_trial"] == best.number
     assert out.params is not None  # this call ran the chosen trial
 
@@ -152,15 +162,15 @@ def test_pruned_trial_is_pruned_in_the_study_with_its_partial_ledger(task):
     study.optimize(baselines.Objective(task, seed=0, space=SPACE), n_trials=2)
     full, pruned = study.trials
     assert full.state == TrialState.COMPLETE and pruned.state == TrialState.PRUNED
-    assert pruned.user_attrs["rounds"] == 2 and sorted(pruned.intermediate_values) == [1, 2]
+    assert cost(pruned).rounds == 2 and sorted(pruned.intermediate_values) == [1, 2]
     assert [e["rounds"] for e in pruned.user_attrs["evals"]] == [1, 2]
     # Its partial ledger is the first two rounds of the same configuration run in full.
     hp = HParams(**pruned.params)
     ref = fedavg(task, hp, seed=0, num_rounds=2, eval_every=1)
-    assert pruned.user_attrs["examples"] == ref.cost.examples
-    assert pruned.intermediate_values[2] == pytest.approx(ref.final_metrics["accuracy"])
-    assert baselines.total_cost(study).rounds == ROUNDS + 2
-    assert "test_accuracy" not in pruned.user_attrs  # never a candidate
+    assert cost(pruned).examples == ref.cost.examples
+    assert pruned.intermediate_values[2] == pytest.approx(ref.validation_metrics["accuracy"])
+    assert total_cost(study).rounds == ROUNDS + 2
+    assert record.TEST not in pruned.user_attrs  # never a candidate
 
 
 def test_pruned_variants_prune_and_count_partial_rounds(task):
@@ -194,10 +204,10 @@ def test_examples_budget_is_never_exceeded_and_a_refused_trial_costs_nothing(tas
     )
     trials = out.study.trials
     assert out.cost.examples <= 3000
-    refused = [t for t in trials if baselines.NOT_RUN_ATTR in t.user_attrs]
+    refused = [t for t in trials if record.NOT_RUN in t.user_attrs]
     ran = [t for t in trials if t not in refused]
     assert len(refused) == 1 and refused[0].state == TrialState.FAIL
-    assert refused[0].user_attrs.get("rounds", 0) == 0 and refused[0] is trials[-1]
+    assert cost(refused[0]).rounds == 0 and refused[0] is trials[-1]
     # It was refused because its own full cost did not fit into what was left.
     need = baselines.projected_cost(task, HParams(**refused[0].params), seed=0).examples
     assert out.cost.examples + need > 3000
@@ -272,9 +282,10 @@ def add_trial(study, state, value, rounds, evals, test=None, params=(0.1, 1.0, 1
         n: FloatDistribution(getattr(SPACE.lower, n), getattr(SPACE.upper, n), log=True)
         for n in ("learning_rate", "local_epochs", "batch_size")
     }
-    attrs = {"rounds": rounds, "examples": sum(e["examples"] for e in evals[-1:]), "evals": evals}
+    spent = fathom_tune.Cost(rounds=rounds, examples=sum(e["examples"] for e in evals[-1:]))
+    attrs = {record.COST: spent.as_dict(), record.EVALS: evals}
     if test is not None:
-        attrs["test_accuracy"] = test
+        attrs[record.TEST] = {"accuracy": test}
     study.add_trial(
         optuna.trial.create_trial(
             state=state,
@@ -318,8 +329,8 @@ def test_selection_reads_validation_only_and_resume_runs_nothing_past_the_budget
     add_trial(study, TrialState.PRUNED, None, 2, evals((2, 0.9)), params=(0.3, 1, 11))
     out = baselines.run(task, "random", budget_rounds=11, storage=path, space=SPACE, progress=False)
     assert len(out.study.trials) == 3  # 10 rounds spent; a fourth full trial would need 14
-    assert out.trial.number == 1 and out.hparams.learning_rate == 0.2
-    assert out.validation_metric == 0.7 and out.test_metric == 0.50
+    assert out.study.user_attrs[record.CHOSEN_TRIAL] == 1 and out.hparams.learning_rate == 0.2
+    assert out.validation_metrics == {"accuracy": 0.7} and out.test_metrics == {"accuracy": 0.50}
     assert out.params is None  # run by someone else
     assert out.cost.rounds == 10
 
@@ -329,22 +340,26 @@ def test_a_loss_target_is_minimized_and_the_lowest_loss_chosen(task):
     out = baselines.run(task, "random", budget_rounds=6, space=SPACE, progress=False)
     assert out.study.direction == optuna.study.StudyDirection.MINIMIZE
     values = [t.value for t in out.study.trials]
-    assert len(values) == 3 and out.validation_metric == min(values) < max(values)
-    assert out.trial.user_attrs["evals"][-1]["val_loss"] == out.validation_metric
+    assert len(values) == 3 and out.validation_metrics["loss"] == min(values) < max(values)
+    chosen = out.study.trials[out.study.user_attrs[record.CHOSEN_TRIAL]]
+    assert chosen.user_attrs["evals"][-1]["val_loss"] == out.validation_metrics["loss"]
 
 
 def test_rounds_to_target_over_the_whole_tuning_from_storage(task, tmp_path):
     study = optuna.create_study(direction="maximize")
-    study.set_user_attr("target_metric", "accuracy")
-    study.set_user_attr("target_value", 0.8)
-    study.set_user_attr("target_mode", "max")
+    record.write_header(
+        study, task="toy", tuner="random", seed=0, unit="run", target=Target("accuracy", 0.8),
+        rounds_per_run=4, budget_rounds=20,
+    )
     add_trial(study, TrialState.COMPLETE, 0.7, 4, evals((1, 0.3), (2, 0.5), (3, 0.6), (4, 0.7)))
     add_trial(study, TrialState.PRUNED, None, 2, evals((1, 0.2), (2, 0.3)))
     add_trial(study, TrialState.COMPLETE, 0.9, 4, evals((1, 0.5), (2, 0.7), (3, 0.85), (4, 0.9)))
     add_trial(study, TrialState.COMPLETE, 0.95, 4, evals((1, 0.9), (2, 0.9), (3, 0.9), (4, 0.95)))
     # 4 rounds (trial 0) + 2 (pruned trial 1) + 3 (trial 2 first meets 0.8 at its round 3).
-    assert baselines.cost_to_target(study) == (4 + 2 + 3, 100 + 50 + 75)
-    assert baselines.cost_to_target(study, Target("accuracy", 0.99)) == (None, None)
+    run_ = record.read_run(study)
+    assert run_.cost_to_target() == (4 + 2 + 3, 100 + 50 + 75)
+    assert run_.cost_to_target(Target("accuracy", 0.99)) == (None, None)
+    assert run_.ledger.rounds == 14 and run_.spent_steps == 4
 
 
 def test_rounds_to_target_of_a_real_run_is_the_hand_computed_sum(task, tmp_path):
@@ -361,13 +376,13 @@ def test_rounds_to_target_of_a_real_run_is_the_hand_computed_sum(task, tmp_path)
         if hit:
             expected = (rounds + hit[0]["rounds"], examples + hit[0]["examples"])
             break
-        rounds += t.user_attrs["rounds"]
-        examples += t.user_attrs["examples"]
+        rounds += cost(t).rounds
+        examples += cost(t).examples
     assert expected[0] is not None and expected[0] > ROUNDS  # not the first trial
     assert (
         (out.rounds_to_target, out.examples_to_target)
         == expected
-        == baselines.cost_to_target(study)
+        == record.read_run(study).cost_to_target()
     )
 
 
@@ -399,7 +414,7 @@ optuna.logging.set_verbosity(optuna.logging.ERROR)
 import baselines
 from fathom_tune import Bounds, HParams
 from fathom_tune.engine import Engine
-from fathom_tune.loop import fedavg
+from fathom_tune import fedavg
 from _toy import toy_task
 path, budget, worker = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 task = toy_task(num_rounds=2, eval_every=1)
@@ -435,27 +450,27 @@ def test_two_workers_share_one_journal_without_duplicates_or_lost_trials(tmp_pat
     study = optuna.load_study(study_name="toy/grid/seed0", storage=fathom_tune.open_storage(path))
     trials = study.trials
     ran = [t for t in trials if t.state == TrialState.COMPLETE]
-    refused = [t for t in trials if baselines.NOT_RUN_ATTR in t.user_attrs]
+    refused = [t for t in trials if record.NOT_RUN in t.user_attrs]
     assert all(t.state.is_finished() for t in trials)  # no trial lost in RUNNING
     assert len(ran) + len(refused) == len(trials)
     assert len(ran) == 20  # the whole budget, no more
-    assert sum(t.user_attrs["rounds"] for t in trials) == budget
+    assert sum(cost(t).rounds for t in trials) == budget
     points = [tuple(sorted(t.params.items())) for t in ran]
     assert len(set(points)) == len(points)  # no grid point twice
     grid_ids = [t.system_attrs["grid_id"] for t in ran]
     assert len(set(grid_ids)) == 20
-    assert {t.user_attrs.get("rounds", 0) for t in refused} <= {0}
+    assert {cost(t).rounds for t in refused} <= {0}
     # Both workers ran trials, interleaved in time.
-    by_worker = {k: [t for t in ran if t.user_attrs[baselines.WORKER_ATTR] == k] for k in (0, 1)}
+    by_worker = {k: [t for t in ran if t.user_attrs[record.WORKER] == k] for k in (0, 1)}
     assert all(by_worker.values()), {k: len(v) for k, v in by_worker.items()}
     first_end = min(max(t.datetime_complete for t in v) for v in by_worker.values())
     assert max(min(t.datetime_start for t in v) for v in by_worker.values()) < first_end
 
 
 def test_a_trial_is_admitted_only_if_running_trials_below_it_leave_room(task):
-    from baselines._run import _Budget, _NotRun
+    from baselines._budget import Budget, NotRun
 
-    budget = _Budget(task, SPACE, seed=0, rounds=2 * ROUNDS, examples=None, max_trials=None)
+    budget = Budget(task, SPACE, seed=0, rounds=2 * ROUNDS, examples=None, max_trials=None)
     study = optuna.create_study(direction="maximize")
     study.optimize(
         baselines.Objective(task, seed=0, space=SPACE), n_trials=1
@@ -464,9 +479,9 @@ def test_a_trial_is_admitted_only_if_running_trials_below_it_leave_room(task):
     first, second = study.ask(), study.ask()  # ...and two workers both passed that check
     hp = HParams(0.1, 1.0, 10.0)
     study._thread_local.in_optimize_loop = True  # admit() stops the optimize loop it runs in
-    with pytest.raises(_NotRun, match="needs 4 rounds, 0 of budget_rounds=8 left"):
+    with pytest.raises(NotRun, match="needs 4 rounds, 0 of budget_rounds=8 left"):
         budget.admit(second, hp)  # trial 1, running below it, holds the last 4 rounds
-    assert second.user_attrs[baselines.NOT_RUN_ATTR]["budget"] == {"rounds": 8, "examples": None}
+    assert second.user_attrs[record.NOT_RUN]["budget"] == {"rounds": 8, "examples": None}
     budget.admit(first, hp)  # the lower number does not count its higher-numbered peer: it runs
     study.tell(second, state=TrialState.FAIL)
     assert budget.stop_reason(study) is not None

@@ -10,6 +10,8 @@ import optuna
 import pandas as pd
 import pytest
 
+from _toy import crash_in_round
+
 from studies import compare
 from studies.report import markdown_table
 
@@ -35,8 +37,8 @@ def _unwritable(tmp_path: pathlib.Path) -> pathlib.Path:
     [
         (["--task", "nope"], "valid tasks: digits"),
         (["--tuners", "fathom", "bogus"], "valid tuners: fathom, gp, grid, random"),
-        (["--rounds", "10", "--budget-rounds", "9"], "smaller than one baseline trial"),
-        (["--budget-multiple", "0.5"], "smaller than one baseline trial"),
+        (["--rounds", "10", "--budget-rounds", "9"], "smaller than one training run"),
+        (["--budget-multiple", "0.5"], "smaller than one training run"),
         (["--seeds", "-1"], "--seeds must be distinct ints >= 0"),
         (["--rounds", "0"], "--rounds must be >= 1"),
         (["--out", "{file}"], "is a file, not a directory"),
@@ -61,22 +63,19 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, argv, message):
 
 
 def _rounds_to_target(study: optuna.Study) -> tuple[float, float]:
-    """Independently of studies.report: the whole tuning process's cost until the target."""
+    """Independently of studies.report and fathom_tune.record: the whole tuning
+    process's cost until the target, from the raw trial attributes."""
     attrs = study.user_attrs
     metric, value = f"val_{attrs['target_metric']}", attrs["target_value"]
     rounds = examples = 0
     for t in sorted(study.trials, key=lambda t: t.number):
-        if attrs["tuner"] == "fathom":
-            rounds += 1
-            examples += t.user_attrs["examples"]
-            if t.user_attrs.get(metric, -1.0) >= value:
-                return rounds, examples
+        if t.user_attrs.get("stale"):
             continue
         for e in t.user_attrs.get("evals", []):
             if e[metric] >= value:
                 return rounds + e["rounds"], examples + e["examples"]
-        rounds += t.user_attrs.get("rounds", 0)
-        examples += t.user_attrs.get("examples", 0)
+        rounds += t.user_attrs.get("cost", {}).get("rounds", 0)
+        examples += t.user_attrs.get("cost", {}).get("examples", 0)
     return math.nan, math.nan
 
 
@@ -99,7 +98,7 @@ def test_comparison_writes_report_from_storage(comparison):
     for name in (
         "best_vs_rounds.png",
         "best_vs_examples.png",
-        "fathom_hparams.png",
+        "hparams_per_round.png",
         "rounds_to_target.png",
     ):
         assert f"]({name})" in report
@@ -120,17 +119,9 @@ def test_comparison_writes_report_from_storage(comparison):
         assert _same(row["examples_to_target"], examples), tuner
         assert _same(summary.loc[tuner, "rounds_to_target_mean"], rounds)
         assert bool(row["reached"]) == (not math.isnan(rounds))
-        assert row["test_accuracy"] == pytest.approx(study.user_attrs["test_accuracy"])
-        if tuner == "fathom":
-            spent = len(study.trials)
-            assert spent == 10
-        else:
-            spent = sum(t.user_attrs.get("rounds", 0) for t in study.trials)
-            assert spent <= 30
-            import baselines
-
-            expected = baselines.cost_to_target(study)
-            assert _same(row["rounds_to_target"], math.nan if expected[0] is None else expected[0])
+        assert row["test_accuracy"] == pytest.approx(study.user_attrs["test"]["accuracy"])
+        spent = sum(t.user_attrs.get("cost", {}).get("rounds", 0) for t in study.trials)
+        assert spent == 10 if tuner == "fathom" else spent <= 30
         assert row["total_rounds"] == spent
         assert summary.loc[tuner, "total_rounds_mean"] == spent
         line = next(ln for ln in shown.splitlines() if ln.startswith(f"| {tuner} |"))
@@ -185,7 +176,7 @@ def test_partial_fathom_study_is_run_again(tmp_path):
     assert compare.main(argv) == 0
     study = optuna.load_study(study_name="digits/fathom/seed0", storage=url)
     assert len(study.trials) == 6
-    assert "test_accuracy" in study.user_attrs
+    assert "accuracy" in study.user_attrs["test"]
     assert set(study.trials[0].params) == {"learning_rate", "local_epochs", "batch_size"}
     assert (tmp_path / "digits" / "report.md").exists()
 
@@ -198,14 +189,7 @@ def test_interrupted_fathom_run_resumes_from_its_checkpoint(tmp_path, monkeypatc
     url = f"sqlite:///{tmp_path / 'compare.db'}"
     argv = ["--rounds", "6", "--seeds", "0", "--tuners", "fathom", "--no-progress"]
     argv += ["--storage", url, "--out", str(tmp_path)]
-    real = Engine.run_round
-
-    def die_in_round_3(self, state, hparams):
-        if state.round == 3:
-            raise KeyboardInterrupt
-        return real(self, state, hparams)
-
-    monkeypatch.setattr(Engine, "run_round", die_in_round_3)
+    real = crash_in_round(monkeypatch, 3, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         compare.main(argv)
     first = optuna.load_study(study_name="digits/fathom/seed0", storage=url).trials
@@ -213,7 +197,8 @@ def test_interrupted_fathom_run_resumes_from_its_checkpoint(tmp_path, monkeypatc
     monkeypatch.setattr(Engine, "run_round", real)
     capsys.readouterr()
     assert compare.main(argv) == 0
-    assert "digits/fathom/seed0: resumed from digits-fathom-seed0.npz" in capsys.readouterr().out
+    # 3 rounds and the stale one before; rounds 3, 4, 5 after
+    assert "digits/fathom/seed0: 3 new trials, 7 in all, 6 rounds spent" in capsys.readouterr().out
     trials = optuna.load_study(study_name="digits/fathom/seed0", storage=url).trials
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     assert [t.user_attrs["round"] for t in done] == list(range(6))
@@ -222,38 +207,38 @@ def test_interrupted_fathom_run_resumes_from_its_checkpoint(tmp_path, monkeypatc
 
 
 def _handmade(storage) -> None:
-    """A FATHOM study (one trial per round) and a baseline study (two runs of 4 rounds)."""
+    """A one-run study (one trial per round) and a search study (two runs of 4 rounds),
+    written through the run record as any tuner would."""
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState, create_trial
 
-    attrs = {"target_metric": "accuracy", "target_value": 0.9, "target_mode": "max"}
+    from fathom_tune import Cost, HParams, Target, record
+
     dist = {"learning_rate": FloatDistribution(1e-4, 10.0, log=True)}
-    fathom = optuna.create_study(study_name="toy/fathom/seed0", storage=storage)
-    for k, v in {**attrs, "tuner": "fathom", "budget_rounds": 4, "test_accuracy": 0.8}.items():
-        fathom.set_user_attr(k, v)
+    target = Target("accuracy", 0.9)
+    one = optuna.create_study(study_name="toy/fathom/seed0", storage=storage)
+    record.write_header(
+        one, task="toy", tuner="fathom", seed=0, unit="round", target=target, rounds_per_run=4, budget_rounds=4
+    )
     for r, val in enumerate([None, 0.5, None, 0.95]):
-        user = {"round": r, "examples": 10 * (r + 1), "local_steps": 1}
-        if val is not None:
-            user["val_accuracy"] = val
-        fathom.add_trial(
-            create_trial(
-                params={"learning_rate": 0.1}, distributions=dist, value=1.0, user_attrs=user
-            )
-        )
+        examples = 10 * (r + 1)
+        evals = [] if val is None else [record.evaluation(1, examples, {"accuracy": val})]
+        user = {"round": r, "local_steps": 1, "cost": Cost(rounds=1, examples=examples).as_dict(), "evals": evals}
+        one.add_trial(create_trial(params={"learning_rate": 0.1}, distributions=dist, value=1.0, user_attrs=user))
+    record.write_outcome(
+        one, hparams=HParams(0.1, 1.0, 10.0), validation={"accuracy": 0.95}, test={"accuracy": 0.8},
+        ledger=Cost(rounds=4, examples=100),
+    )
     base = optuna.create_study(study_name="toy/random/seed0", storage=storage, direction="maximize")
-    for k, v in {
-        **attrs,
-        "tuner": "random",
-        "budget_rounds": 8,
-        "trial_rounds": 4,
-        "test_accuracy": 0.85,
-    }.items():
-        base.set_user_attr(k, v)
+    record.write_header(
+        base, task="toy", tuner="random", seed=0, unit="run", target=target, rounds_per_run=4, budget_rounds=8
+    )
     runs = [  # (state, evals as (rounds, examples, accuracy), ledger rounds/examples)
         (TrialState.PRUNED, [(2, 100, 0.3)], (2, 100)),
         (TrialState.COMPLETE, [(2, 70, 0.6), (4, 150, 0.92)], (4, 150)),
     ]
     for state, evals, (rounds, examples) in runs:
+        spent = Cost(rounds=rounds, examples=examples, steps=1, bytes_down=1, bytes_up=1, seconds=0.5)
         base.add_trial(
             create_trial(
                 state=state,
@@ -262,16 +247,15 @@ def _handmade(storage) -> None:
                 value=evals[-1][2] if state == TrialState.COMPLETE else None,
                 intermediate_values={r: a for r, _, a in evals},
                 user_attrs={
-                    "rounds": rounds,
-                    "examples": examples,
-                    "steps": 1,
-                    "bytes_down": 1,
-                    "bytes_up": 1,
-                    "seconds": 0.5,
-                    "evals": [{"rounds": r, "examples": e, "val_accuracy": a} for r, e, a in evals],
+                    "cost": spent.as_dict(),
+                    "evals": [record.evaluation(r, e, {"accuracy": a}) for r, e, a in evals],
                 },
             )
         )
+    record.write_outcome(
+        base, hparams=HParams(0.1, 1.0, 10.0), validation={"accuracy": 0.92}, test={"accuracy": 0.85},
+        ledger=Cost(rounds=6, examples=250, steps=2, bytes_down=2, bytes_up=2, seconds=1.0),
+    )
 
 
 def test_report_cost_to_target_counts_every_earlier_trial(tmp_path):
@@ -296,3 +280,25 @@ def test_report_cost_to_target_counts_every_earlier_trial(tmp_path):
         )
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "| random | 1 | 0/1 | 6 | 250 | 0.85 | 6 |" in summary
+
+
+def test_a_user_registered_tuner_shows_up_in_the_report(tmp_path):
+    # Two tuners registered in a few lines, with no change to studies/: a FATHOM
+    # variant and a search baseline of Optuna's pieces.
+    import baselines
+    import fathom_tune
+    from fathom_tune.fathom import Fathom
+
+    fast = Fathom(name="fathom-fast", config=fathom_tune.FathomConfig(gamma_learning_rate=0.05))
+    sha2 = baselines.Baseline("tpe+sha2", baselines.TPE(), baselines.SuccessiveHalving(reduction_factor=2))
+    for tuner in (fast, sha2):
+        fathom_tune.tuners.register(tuner, replace=True)
+    argv = ["--rounds", "4", "--budget-rounds", "8", "--seeds", "0", "--no-progress"]
+    assert compare.main([*argv, "--tuners", "fathom-fast", "tpe+sha2", "--out", str(tmp_path)]) == 0
+    seeds = pd.read_csv(tmp_path / "digits" / "per_seed.csv").set_index("tuner")
+    assert sorted(seeds.index) == ["fathom-fast", "tpe+sha2"]
+    assert seeds.loc["fathom-fast", "total_rounds"] == 4 and seeds.loc["tpe+sha2", "total_rounds"] <= 8
+    report = (tmp_path / "digits" / "report.md").read_text()
+    assert "gamma_learning_rate=0.05" in report and "SuccessiveHalving(reduction_factor=2" in report
+    with pytest.raises(ValueError, match="already registered"):
+        fathom_tune.tuners.register(Fathom(name="tpe+sha2"))

@@ -10,7 +10,9 @@ import optax
 import pytest
 from _toy import flat, mlp_model, toy_task
 
+import fathom_tune.fathom.hypergrad
 from fathom_tune import HParams
+from fathom_tune.fathom import LocalAgreement, local_hypergradient
 from fathom_tune.engine import (
     Cost,
     Engine,
@@ -30,7 +32,7 @@ def test_full_batch_round_matches_independent_gradient_descent():
     # Equal clients of 10 examples, B = 10 (padded to the bucket 12), E = 3:
     # every client runs K = 3 full-batch gradient steps, whatever the shuffle.
     task = toy_task(sizes=(10,) * 5, clients_per_round=3)
-    eng = Engine(task, seed=3)
+    eng = Engine(task, seed=3, client_statistic=LocalAgreement())
     state = eng.init()
     hp = HParams(learning_rate=0.3, local_epochs=3.0, batch_size=10.0)
     new_state, res = eng.run_round(state, hp)
@@ -59,8 +61,8 @@ def test_full_batch_round_matches_independent_gradient_descent():
     assert list(res.local_steps) == [3, 3, 3]
     np.testing.assert_allclose(flat(res.update), u, rtol=2e-4, atol=1e-6)
     np.testing.assert_allclose(flat(new_state.params), flat(x0) - u, rtol=2e-4, atol=1e-6)
-    np.testing.assert_allclose(res.phi, phis, atol=1e-4)
-    assert res.local_hypergradient == pytest.approx(np.mean(phis), abs=1e-4)
+    np.testing.assert_allclose(res.statistic, phis, atol=1e-4)
+    assert local_hypergradient(res.statistic, res.num_examples) == pytest.approx(np.mean(phis), abs=1e-4)
     assert res.train_loss == pytest.approx(np.mean(losses), rel=1e-4)
     assert new_state.round == 1
     assert res.cost.examples == 3 * 3 * 10 and res.cost.steps == 9
@@ -98,14 +100,15 @@ def test_unequal_clients_linear_loss_one_epoch_matches_closed_form():
 def test_padding_blocks_and_chunks_do_not_change_the_math(client_block):
     task = toy_task()
     hp = HParams(learning_rate=0.2, local_epochs=1.3, batch_size=7.0)  # B=7 pads to 8
-    exact = Engine(task, seed=1, buckets=range(1, 300), client_block=4, steps_per_call=16)
-    other = Engine(task, seed=1, client_block=client_block, steps_per_call=3)
+    phi = LocalAgreement()
+    exact = Engine(task, seed=1, buckets=range(1, 300), client_block=4, steps_per_call=16, client_statistic=phi)
+    other = Engine(task, seed=1, client_block=client_block, steps_per_call=3, client_statistic=phi)
     a, b = exact.init(), other.init()
     for _ in range(3):
         a, ra = exact.run_round(a, hp)
         b, rb = other.run_round(b, hp)
     np.testing.assert_allclose(flat(a.params), flat(b.params), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(ra.phi, rb.phi, atol=1e-5)
+    np.testing.assert_allclose(ra.statistic, rb.statistic, atol=1e-5)
     assert ra.train_loss == pytest.approx(rb.train_loss, rel=1e-5)
 
 
@@ -203,7 +206,8 @@ def test_divergent_round_is_reported_not_finite():
     "kwargs, error, match",
     [
         ({"seed": -1}, ValueError, "seed"),
-        ({"seed": 1.5}, ValueError, "seed"),
+        ({"seed": 1.5}, TypeError, "seed"),
+        ({"client_statistic": "phi"}, TypeError, "client_statistic"),
         ({"server_optimizer": "sgd"}, TypeError, "server_optimizer"),
         ({"buckets": (4, 2)}, ValueError, "buckets"),
         ({"buckets": ()}, ValueError, "buckets"),
@@ -215,6 +219,35 @@ def test_divergent_round_is_reported_not_finite():
 def test_engine_rejects_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         Engine(toy_task(), **kwargs)
+
+
+def test_a_static_engine_computes_no_statistic_and_the_same_model(monkeypatch):
+    # The statistic is a hook: an engine without one never traces FATHOM's cosine,
+    # and turning it on changes nothing about the model.
+    calls = []
+    real = fathom_tune.fathom.hypergrad.client_cosine
+    monkeypatch.setattr(
+        fathom_tune.fathom.hypergrad, "client_cosine", lambda g, d: calls.append(1) or real(g, d)
+    )
+    task = toy_task(model=mlp_model(hidden=7))  # a model of its own: nothing compiled yet
+    hp = HParams(learning_rate=0.2, local_epochs=2.0, batch_size=5.0)
+    static, tuned = Engine(task, seed=2), Engine(task, seed=2, client_statistic=LocalAgreement())
+    s_static, r_static = static.run_round(static.init(), hp)
+    assert calls == [] and r_static.statistic is None
+    s_tuned, r_tuned = tuned.run_round(tuned.init(), hp)
+    assert calls and r_tuned.statistic.shape == (task.clients_per_round,)
+    np.testing.assert_array_equal(flat(s_static.params), flat(s_tuned.params))
+    assert r_static.train_loss == r_tuned.train_loss
+
+
+def test_engine_settings_tell_optimizers_apart_by_behaviour():
+    task = toy_task()
+    a = Engine(task, server_optimizer=optax.adam(1e-3)).settings
+    assert a == Engine(task, server_optimizer=optax.adam(1e-3)).settings
+    b = Engine(task, server_optimizer=optax.adam(1e-2)).settings
+    assert a.server_optimizer != b.server_optimizer and a.buckets == b.buckets
+    assert Engine(task).settings.server_optimizer == Engine(task, server_optimizer=optax.sgd(1.0)).settings.server_optimizer
+    assert Engine(task, client_statistic=LocalAgreement()).settings.client_statistic == "phi"
 
 
 def test_run_round_and_evaluate_reject_bad_arguments():

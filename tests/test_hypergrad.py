@@ -1,4 +1,4 @@
-"""Tests of fathom_tune._hypergrad: numbers worked out by hand, and an
+"""Tests of fathom_tune.fathom.hypergrad and .state: numbers worked out by hand, and an
 independent NumPy re-implementation on a two-client toy problem."""
 
 from __future__ import annotations
@@ -10,25 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fathom_tune._hparams import Bounds, HParams
-from fathom_tune._hypergrad import (
-    EGN_ORDER,
+from fathom_tune.fathom.hypergrad import (
     ClientTracker,
-    FathomConfig,
     ServerTracker,
     aggregate_round,
     client_cosine,
-    egn_step,
     global_hypergradient,
-    hparams_from_log,
     local_hypergradient,
-    log_hparams,
     safe_cosine,
     update_momentum,
 )
+from fathom_tune.fathom.state import FathomConfig, egn_step, hparams_from_log, log_hparams
+from fathom_tune.hparams import NAMES, Bounds, HParams
 
-GAMMA = (0.01, 0.01, 0.1)  # (gamma_E, gamma_eta, gamma_B), the paper's
-WIDE_LOWER = (1e-3, 1e-6, 1e-3)
+GAMMA = (0.01, 0.01, 0.1)  # (gamma_eta, gamma_E, gamma_B), the paper's
+WIDE_LOWER = (1e-6, 1e-3, 1e-3)  # (eta, E, B)
 WIDE_UPPER = (1e3, 1e3, 1e6)
 
 
@@ -210,9 +206,9 @@ def test_aggregate_round_by_hand():
 
 
 def test_server_tracker_zero_update_gives_h_zero():
-    server = ServerTracker.init(np.zeros(2))
-    H, server = server.update(np.array([1.0, 0.0]), alpha=0.5)
-    H, server = server.update(np.zeros(2), alpha=0.5)  # zero update: H = 0
+    server = ServerTracker.init(np.zeros(2), alpha=0.5)
+    H, server = server.update(np.array([1.0, 0.0]))
+    H, server = server.update(np.zeros(2))  # zero update: H = 0
     assert float(H) == 0.0
 
 
@@ -240,8 +236,8 @@ def test_toy_round_one_by_hand():
     #   G = 0.75 * 0.6 + 0.25 * 1 = 0.7
     #   u = 0.75 (-0.75, -1) + 0.25 (0.5, 0) = (-0.4375, -0.75)
     # H = cos(m = 0, u) = 0; m <- 0.5 * 0 + 0.5 u = (-0.21875, -0.375)
-    # EGN, gamma = (0.01, 0.01, 0.1): dp = (0.01 (0 + 0.7), 0.01 * 0, -0.1 * 0.7)
-    #   = (0.007, 0, -0.07)
+    # EGN on p = log(eta, E, B), gamma = (0.01, 0.01, 0.1):
+    #   dp = (0.01 * 0, 0.01 (0 + 0.7), -0.1 * 0.7) = (0, 0.007, -0.07)
     eta, x0 = 0.5, np.zeros(2)
     deltas, phis = [], []
     for client in TOY:
@@ -256,12 +252,12 @@ def test_toy_round_one_by_hand():
     u, G = aggregate_round(deltas, phis, [c["n"] for c in TOY])
     assert float(G) == pytest.approx(0.7, rel=1e-6)
     np.testing.assert_allclose(np.asarray(u), [-0.4375, -0.75], rtol=1e-6)
-    H, server = ServerTracker.init(x0).update(u, alpha=0.5)
+    H, server = ServerTracker.init(x0, alpha=0.5).update(u)
     assert float(H) == 0.0
     np.testing.assert_allclose(np.asarray(server.momentum), [-0.21875, -0.375], rtol=1e-6)
-    p = np.log([1.0, eta, 2.0])
+    p = np.log([eta, 1.0, 2.0])
     q = egn_step(p, H, G, GAMMA, WIDE_LOWER, WIDE_UPPER)
-    np.testing.assert_allclose(q - p, [0.007, 0.0, -0.07], atol=1e-7)
+    np.testing.assert_allclose(q - p, [0.0, 0.007, -0.07], atol=1e-7)
 
 
 def _numpy_reference(num_rounds: int, hp0):
@@ -271,7 +267,7 @@ def _numpy_reference(num_rounds: int, hp0):
         na, nb = np.linalg.norm(a), np.linalg.norm(b)
         return 0.0 if na == 0 or nb == 0 else float(a @ b / (na * nb))
 
-    E, eta, B = hp0
+    eta, E, B = hp0
     x, m = np.zeros(2), np.zeros(2)
     out = []
     for _ in range(num_rounds):
@@ -294,18 +290,18 @@ def _numpy_reference(num_rounds: int, hp0):
         E *= math.exp(0.01 * (H + G))
         eta *= math.exp(0.01 * H)
         B *= math.exp(-0.1 * G)
-        out.append({"G": G, "H": H, "x": x.copy(), "next": (E, eta, B)})
+        out.append({"G": G, "H": H, "x": x.copy(), "next": (eta, E, B)})
     return out
 
 
 def test_toy_two_rounds_match_independent_numpy():
-    hp = (1.0, 0.5, 2.0)  # (E, eta, B)
+    hp = (0.5, 1.0, 2.0)  # (eta, E, B)
     reference = _numpy_reference(2, hp)
     x = np.zeros(2)
-    server = ServerTracker.init(x)
+    server = ServerTracker.init(x, alpha=0.5)
     p = np.log(hp)
     for expected in reference:
-        eta = math.exp(p[1])
+        eta = math.exp(p[0])
         deltas, phis = [], []
         for client in TOY:
             xk, tracker = x, ClientTracker.init(x)
@@ -316,7 +312,7 @@ def test_toy_two_rounds_match_independent_numpy():
             deltas.append(x - xk)
             phis.append(tracker.phi)
         u, G = aggregate_round(deltas, phis, [c["n"] for c in TOY])
-        H, server = server.update(u, alpha=0.5)
+        H, server = server.update(u)
         x = x - np.asarray(u, np.float64)
         p = egn_step(p, H, G, GAMMA, WIDE_LOWER, WIDE_UPPER)
         assert float(G) == pytest.approx(expected["G"], rel=1e-5)
@@ -330,38 +326,38 @@ def test_toy_two_rounds_match_independent_numpy():
 
 
 def test_egn_step_by_hand():
-    # p = log(1, 0.1, 20), H = 0.5, G = 0.8:
-    # dlog E = 0.01 (0.5 + 0.8) = 0.013; dlog eta = 0.01 * 0.5 = 0.005; dlog B = -0.1 * 0.8 = -0.08
-    p = np.log([1.0, 0.1, 20.0])
-    q = egn_step(p, 0.5, 0.8, GAMMA, (0.1, 1e-3, 1.0), (10.0, 1.0, 256.0))
-    np.testing.assert_allclose(q - p, [0.013, 0.005, -0.08], atol=1e-12)
+    # p = log(eta, E, B) = log(0.1, 1, 20), H = 0.5, G = 0.8:
+    # dlog eta = 0.01 * 0.5 = 0.005; dlog E = 0.01 (0.5 + 0.8) = 0.013; dlog B = -0.1 * 0.8 = -0.08
+    p = np.log([0.1, 1.0, 20.0])
+    q = egn_step(p, 0.5, 0.8, GAMMA, (1e-3, 0.1, 1.0), (1.0, 10.0, 256.0))
+    np.testing.assert_allclose(q - p, [0.005, 0.013, -0.08], atol=1e-12)
     assert q.dtype == np.float64
     # a rate of 0 freezes that hyperparameter
-    q = egn_step(p, 0.5, 0.8, (0.0, 0.01, 0.0), (0.1, 1e-3, 1.0), (10.0, 1.0, 256.0))
-    np.testing.assert_allclose(q - p, [0.0, 0.005, 0.0], atol=1e-12)
+    q = egn_step(p, 0.5, 0.8, (0.01, 0.0, 0.0), (1e-3, 0.1, 1.0), (1.0, 10.0, 256.0))
+    np.testing.assert_allclose(q - p, [0.005, 0.0, 0.0], atol=1e-12)
 
 
 def test_egn_step_clips_p_without_wind_up_at_the_upper_bound():
-    lower, upper = (0.1, 1e-3, 1.0), (1.0, 1.0, 256.0)
-    p = np.log([1.0, 0.5, 20.0])  # E already at its upper bound 1.0
+    lower, upper = (1e-3, 0.1, 1.0), (1.0, 1.0, 256.0)
+    p = np.log([0.5, 1.0, 20.0])  # E already at its upper bound 1.0
     for _ in range(5):  # pushes up: H + G = 1.5 each time, would be +0.075 unclipped
         p = egn_step(p, 0.5, 1.0, GAMMA, lower, upper)
-    assert p[0] == 0.0  # clipped at log 1
+    assert p[1] == 0.0  # clipped at log 1
     # one step back: H + G = -0.2 -> log E = 0 - 0.002, below the bound at once
     p = egn_step(p, -0.2, 0.0, GAMMA, lower, upper)
-    assert p[0] == pytest.approx(-0.002, abs=1e-15)
+    assert p[1] == pytest.approx(-0.002, abs=1e-15)
 
 
 def test_egn_step_clips_p_at_lower_bounds():
-    lower, upper = (0.5, 1e-3, 16.0), (10.0, 1.0, 256.0)
-    p = np.log([0.5, 1e-3, 16.0])  # every value at its lower bound
-    # H = -1, G = 1: dlog E = 0, dlog eta = -0.01, dlog B = -0.1: eta, B pushed down
+    lower, upper = (1e-3, 0.5, 16.0), (1.0, 10.0, 256.0)
+    p = np.log([1e-3, 0.5, 16.0])  # every value at its lower bound
+    # H = -1, G = 1: dlog eta = -0.01, dlog E = 0, dlog B = -0.1: eta, B pushed down
     for _ in range(3):
         p = egn_step(p, -1.0, 1.0, GAMMA, lower, upper)
-    np.testing.assert_allclose(p, np.log([0.5, 1e-3, 16.0]), rtol=0, atol=1e-15)
-    # G = -0.5, H = 0.5: log B += 0.05 and log eta += 0.005 from the bound at once
+    np.testing.assert_allclose(p, np.log([1e-3, 0.5, 16.0]), rtol=0, atol=1e-15)
+    # G = -0.5, H = 0.5: log eta += 0.005 and log B += 0.05 from the bound at once
     q = egn_step(p, 0.5, -0.5, GAMMA, lower, upper)
-    np.testing.assert_allclose(q - p, [0.0, 0.005, 0.05], atol=1e-12)
+    np.testing.assert_allclose(q - p, [0.005, 0.0, 0.05], atol=1e-12)
 
 
 def test_egn_step_validates():
@@ -375,9 +371,9 @@ def test_egn_step_validates():
 
 
 def test_log_vector_order_and_round_trip():
-    assert EGN_ORDER == ("local_epochs", "learning_rate", "batch_size")
+    assert NAMES == ("learning_rate", "local_epochs", "batch_size")
     hp = HParams(learning_rate=0.1, local_epochs=2.0, batch_size=32.0)
-    np.testing.assert_allclose(log_hparams(hp), np.log([2.0, 0.1, 32.0]))
+    np.testing.assert_allclose(log_hparams(hp), np.log([0.1, 2.0, 32.0]))
     back = hparams_from_log(log_hparams(hp))
     assert back.as_dict() == pytest.approx(hp.as_dict(), rel=1e-15)
 

@@ -62,8 +62,15 @@ def test_study_records_one_trial_per_round_with_conventions(tmp_path):
         assert t.user_attrs["fathom.H"] == pytest.approx(row.H)
         assert t.user_attrs["fathom.G"] == pytest.approx(row.G)
         assert t.user_attrs["local_steps"] == row.local_steps
-    assert "val_accuracy" in trials[1].user_attrs and "val_accuracy" not in trials[0].user_attrs
-    assert study.user_attrs["test_accuracy"] == pytest.approx(res.test_metrics["accuracy"])
+    assert trials[0].user_attrs["evals"] == []
+    assert trials[1].user_attrs["evals"][0]["val_accuracy"] == pytest.approx(res.history["val_accuracy"][1])
+    assert study.user_attrs["test"]["accuracy"] == pytest.approx(res.test_metrics["accuracy"])
+    # optimize alone records the whole run: its ledger, what it returns, and one record shape
+    run_ = fathom_tune.record.read_run(study)
+    assert run_.ledger == res.cost and run_.unit == "round" and run_.tuner == "fathom"
+    assert run_.hparams == res.hparams and run_.test == res.test_metrics
+    assert list(run_.evaluations["rounds"]) == [2, 4]
+    assert list(run_.evaluations["examples"]) == list(res.history["examples"].iloc[[1, 3]])
     # Optuna's own plots work on the study.
     pytest.importorskip("plotly")
     fig = optuna.visualization.plot_optimization_history(study)
@@ -101,7 +108,7 @@ def test_learning_rate_sweep_on_digits_ends_finite(digits, lr):
     task = digits
     res = fathom_tune.optimize(task, config=FathomConfig(init=HParams(lr, 1.0, 20.0)), num_rounds=4, progress=False)
     assert np.isfinite(flat(res.params)).all()
-    assert math.isfinite(res.final_metrics["loss"])
+    assert math.isfinite(res.validation_metrics["loss"])
 
 
 @pytest.mark.parametrize(

@@ -33,22 +33,19 @@ from hypothesis import assume, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fathom_tune._hparams import NAMES, Bounds, HParams
-from fathom_tune._hypergrad import (
-    EGN_ORDER,
+from fathom_tune.engine import Engine, bucket_size, default_buckets
+from fathom_tune.fathom import LocalAgreement
+from fathom_tune.fathom.hypergrad import (
     ClientTracker,
-    FathomConfig,
     ServerTracker,
     aggregate_round,
-    egn_step,
     global_hypergradient,
-    hparams_from_log,
     local_hypergradient,
-    log_hparams,
     safe_cosine,
     update_momentum,
 )
-from fathom_tune.engine import Engine, bucket_size, default_buckets
+from fathom_tune.fathom.state import FathomConfig, egn_step, hparams_from_log, log_hparams
+from fathom_tune.hparams import NAMES, Bounds, HParams
 
 
 def budget(max_examples: int) -> settings:
@@ -225,20 +222,20 @@ def test_a_round_of_any_finite_updates_gives_g_and_h_in_range(data, counts, alph
             deltas.append(tree_sub(x0, x1))
     u, G = aggregate_round(deltas, phis, counts[:k])
     assert all(in_range(p) for p in phis) and in_range(G)
-    server = ServerTracker.init(x0)
+    server = ServerTracker.init(x0, alpha=alpha)
     for upd in (u, *updates):
-        H, server = server.update(upd, alpha=alpha)
+        H, server = server.update(upd)
         assert in_range(H)
 
 
 @budget(50)
 @given(st.integers(1, 5).flatmap(lambda k: scaled_trees(k)), ALPHA)
 def test_server_tracker_matches_numpy_moving_average(updates, alpha):
-    server = ServerTracker.init(updates[0])
+    server = ServerTracker.init(updates[0], alpha=alpha)
     m = np.zeros_like(flat(updates[0]))  # float64, exact up to rounding
     scale = 0.0
     for u in updates:
-        H, server = server.update(u, alpha=alpha)
+        H, server = server.update(u)
         assert in_range(H)
         if well_scaled({"m": m}, u):  # else float32 m may have underflowed where m does not
             assert float(H) == pytest.approx(np_cosine({"m": m}, u), abs=1e-5)
@@ -269,9 +266,9 @@ def bounds_and_inside(draw):
 
 
 def egn_vectors(bounds: Bounds):
-    """``(lower, upper)`` in :data:`EGN_ORDER`."""
+    """``(lower, upper)`` in the order of :data:`NAMES`."""
     sides = (bounds.lower, bounds.upper)
-    return tuple(tuple(getattr(side, n) for n in EGN_ORDER) for side in sides)
+    return tuple(tuple(getattr(side, n) for n in NAMES) for side in sides)
 
 
 @budget(200)
@@ -298,10 +295,10 @@ def test_egn_steps_never_leave_the_bounds(b_and_init, hgs, rates, alpha, far):
     assert np.all((log_lo <= p) & (p <= log_hi))
     for H, G in hgs:
         q = egn_step(p, H, G, config.gamma, lower, upper)
-        # the step, worked out independently: log E += g_E (H + G), log eta += g_eta H,
-        # log B -= g_B G, then clipped
+        # the step, worked out independently on p = log(eta, E, B): log eta += g_eta H,
+        # log E += g_E (H + G), log B -= g_B G, then clipped
         with np.errstate(over="ignore"):
-            unclipped = p + np.array(rates) * np.array([H + G, H, -G])
+            unclipped = p + np.array([rates[1], rates[0], rates[2]]) * np.array([H, H + G, -G])
         np.testing.assert_array_equal(q, np.minimum(np.maximum(unclipped, log_lo), log_hi))
         assert np.all(np.isfinite(q)) and np.all((log_lo <= q) & (q <= log_hi))
         hp = bounds.clip(hparams_from_log(q))  # what FathomSampler proposes
@@ -329,15 +326,15 @@ def test_zero_gradients_and_zero_updates_give_zero_never_nan(tx, alpha, clients)
     u, G = aggregate_round([zeros] * clients, [0.0] * clients, list(range(1, clients + 1)))
     assert G == 0.0 and not flat(u).any()
     # zero update against any momentum, and any update against zero momentum
-    for before in (ServerTracker(momentum=m), ServerTracker.init(x0)):
-        H, after = before.update(u, alpha=alpha)
+    for before in (ServerTracker(momentum=m, alpha=alpha), ServerTracker.init(x0, alpha=alpha)):
+        H, after = before.update(u)
         assert float(H) == 0.0 and np.all(np.isfinite(flat(after.momentum)))
-    H, _ = ServerTracker.init(x0).update(m, alpha=alpha)
+    H, _ = ServerTracker.init(x0, alpha=alpha).update(m)
     assert float(H) == 0.0
     np.testing.assert_array_equal(flat(update_momentum(zeros, zeros, alpha)), 0.0)
     # the EGN step does not move at H = G = 0
-    p = np.log([1.0, 0.1, 16.0])
-    q = egn_step(p, H, G, (0.01, 0.01, 0.1), (0.1, 1e-3, 1.0), (10.0, 1.0, 256.0))
+    p = np.log([0.1, 1.0, 16.0])
+    q = egn_step(p, H, G, (0.01, 0.01, 0.1), (1e-3, 0.1, 1.0), (1.0, 10.0, 256.0))
     np.testing.assert_array_equal(q, p)
 
 
@@ -365,7 +362,14 @@ def shared_model(kind: str):
 
 def engine(kind: str, sizes, buckets, seed: int) -> Engine:
     task = toy_task(sizes=tuple(sizes), clients_per_round=PER_ROUND, model=shared_model(kind))
-    return Engine(task, seed=seed, buckets=buckets, client_block=PER_ROUND, steps_per_call=1)
+    return Engine(
+        task,
+        seed=seed,
+        buckets=buckets,
+        client_block=PER_ROUND,
+        steps_per_call=1,
+        client_statistic=LocalAgreement(),
+    )
 
 
 @st.composite
@@ -401,8 +405,7 @@ def test_padding_a_batch_to_a_bigger_bucket_never_changes_the_round(setup, eta, 
     assert r_exact.finite and r_padded.finite
     assert r_padded.train_loss == pytest.approx(r_exact.train_loss, rel=1e-5)
     np.testing.assert_allclose(r_padded.client_loss, r_exact.client_loss, rtol=1e-5)
-    np.testing.assert_allclose(r_padded.phi, r_exact.phi, atol=1e-5)
-    assert r_padded.local_hypergradient == pytest.approx(r_exact.local_hypergradient, abs=1e-5)
+    np.testing.assert_allclose(r_padded.statistic, r_exact.statistic, atol=1e-5)
     np.testing.assert_allclose(flat(r_padded.update), flat(r_exact.update), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(flat(s_padded.params), flat(s_exact.params), rtol=1e-5, atol=1e-7)
 
@@ -446,13 +449,14 @@ def test_a_round_of_zero_gradients_gives_zeros_never_nan(setup, eta, epochs):
     hp = HParams(learning_rate=eta, local_epochs=epochs, batch_size=batch_size)
     new, res = eng.run_round(state, hp)
     assert res.finite and res.train_loss == 0.0
-    np.testing.assert_array_equal(res.phi, 0.0)  # cos(0, 0) = 0 at every step
-    assert res.local_hypergradient == 0.0
+    np.testing.assert_array_equal(res.statistic, 0.0)  # cos(0, 0) = 0 at every step
+    G = local_hypergradient(res.statistic, res.num_examples)
+    assert G == 0.0
     assert not flat(res.update).any()
     np.testing.assert_array_equal(flat(new.params), flat(state.params))
-    H, server = ServerTracker.init(state.params).update(res.update, alpha=0.5)
+    H, server = ServerTracker.init(state.params, alpha=0.5).update(res.update)
     assert float(H) == 0.0 and not flat(server.momentum).any()
     p = log_hparams(res.hparams)
     lower, upper = egn_vectors(eng.task.bounds)
-    q = egn_step(p, H, res.local_hypergradient, (0.01, 0.01, 0.1), lower, upper)
+    q = egn_step(p, H, G, (0.01, 0.01, 0.1), lower, upper)
     np.testing.assert_array_equal(q, p)

@@ -13,16 +13,17 @@ import optax
 import optuna
 import pytest
 from _jobs import SPACE, STALL_ROUND, short_toy
-from _toy import flat, toy_task
+from _toy import crash_in_round, flat, toy_task
 from optuna.trial import TrialState
 
 import baselines
 import fathom_tune
 from baselines._objective import origin
-from fathom_tune._checkpoint import load_checkpoint, save_checkpoint
-from fathom_tune._optimize import ROUND_ATTR, STALE_ATTR
+from fathom_tune.checkpoint import load_checkpoint, save_checkpoint
+from fathom_tune import fedavg
 from fathom_tune.engine import Engine
-from fathom_tune.loop import fedavg
+from fathom_tune.record import ROUND as ROUND_ATTR
+from fathom_tune.record import STALE as STALE_ATTR
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -137,14 +138,7 @@ class _Crash(Exception):
 def test_resume_replays_rounds_the_study_holds_past_the_checkpoint(tmp_path, monkeypatch):
     # Checkpoints every 3 rounds; the process dies in round 5 after rounds 3 and 4 were told.
     task, rounds, url, ckpt = toy_task(), 8, f"sqlite:///{tmp_path}/s.db", tmp_path / "c.npz"
-    real = Engine.run_round
-
-    def crash_in_round_5(self, state, hparams):
-        if state.round == 5:
-            raise _Crash
-        return real(self, state, hparams)
-
-    monkeypatch.setattr(Engine, "run_round", crash_in_round_5)
+    real = crash_in_round(monkeypatch, 5, _Crash)
     server = optax.sgd(1.0, momentum=0.5)  # an optimizer state to restore
     kwargs = {"seed": 3, "num_rounds": rounds, "eval_every": 2, "storage": url, "progress": False}
     kwargs["server_optimizer"] = server
@@ -155,11 +149,14 @@ def test_resume_replays_rounds_the_study_holds_past_the_checkpoint(tmp_path, mon
     monkeypatch.setattr(Engine, "run_round", real)
 
     resumed = fathom_tune.optimize(task, checkpoint=ckpt, checkpoint_every=3, **kwargs)
-    plain = fathom_tune.optimize(
-        task, seed=3, num_rounds=rounds, eval_every=2, progress=False, server_optimizer=server
-    )
+    plain_kwargs = {**kwargs, "storage": f"sqlite:///{tmp_path}/plain.db"}
+    plain = fathom_tune.optimize(task, checkpoint=tmp_path / "plain.npz", checkpoint_every=3, **plain_kwargs)
     assert np.array_equal(flat(resumed.params), flat(plain.params))
-    assert np.array_equal(flat(resumed.state.opt_state), flat(plain.state.opt_state))
+    templates = {"params": plain.params, "opt_state": server.init(plain.params), "momentum": plain.params}
+    _, end_resumed = load_checkpoint(ckpt, kind="fathom", templates=templates)
+    _, end_plain = load_checkpoint(tmp_path / "plain.npz", kind="fathom", templates=templates)
+    for name in ("opt_state", "momentum"):  # the server optimizer's state and m were restored
+        assert np.array_equal(flat(end_resumed[name]), flat(end_plain[name])), name
     assert list(resumed.history["H"]) == list(plain.history["H"])  # m was restored
     states = [(t.state, t.user_attrs.get(ROUND_ATTR)) for t in resumed.study.trials]
     # Rounds 0-4 from the first process, round 5's trial failed as stale, then 5-7 anew.
@@ -195,6 +192,21 @@ def test_checkpoint_of_another_run_is_refused_and_nothing_is_written(tmp_path):
     with pytest.raises(fathom_tune.CheckpointError, match=r"another run.*num_rounds"):
         fathom_tune.optimize(toy_task(), num_rounds=3, storage=url, checkpoint=ckpt, progress=False)
     assert len(optuna.load_study(study_name="toy/fathom/seed0", storage=url).trials) == n
+
+
+def test_resume_with_another_server_optimizer_is_refused_naming_it(tmp_path, monkeypatch):
+    url, ckpt = f"sqlite:///{tmp_path}/s.db", tmp_path / "c.npz"
+    kwargs = {"num_rounds": 3, "storage": url, "checkpoint": ckpt}
+    real = crash_in_round(monkeypatch, 2, _Crash)
+    with pytest.raises(_Crash):
+        fathom_tune.optimize(toy_task(), server_optimizer=optax.adam(1e-3), **kwargs)
+    monkeypatch.setattr(Engine, "run_round", real)
+    n = len(optuna.load_study(study_name="toy/fathom/seed0", storage=url).trials)
+    with pytest.raises(fathom_tune.CheckpointError, match=r"differs in engine\.server_optimizer"):
+        fathom_tune.optimize(toy_task(), server_optimizer=optax.adam(1e-2), **kwargs)
+    assert len(optuna.load_study(study_name="toy/fathom/seed0", storage=url).trials) == n
+    resumed = fathom_tune.optimize(toy_task(), server_optimizer=optax.adam(1e-3), **kwargs)
+    assert resumed.cost.rounds == 3 and len(resumed.study.trials) == 4  # 3 rounds + 1 stale
 
 
 def test_checkpoint_needs_a_persistent_storage(tmp_path):
@@ -272,14 +284,14 @@ def test_a_stale_trial_keeps_its_budget_until_its_retry_exists(tmp_path, monkeyp
     task, url = short_toy(), f"sqlite:///{tmp_path}/s.db"
     storage = fathom_tune.open_storage(url, heartbeat=(1, 2))
     study = optuna.create_study(study_name="b", storage=storage, direction="maximize")
-    budget = baselines._run._Budget(task, SPACE, seed=0, rounds=16, examples=None, max_trials=None)
+    budget = baselines._budget.Budget(task, SPACE, seed=0, rounds=16, examples=None, max_trials=None)
     done = optuna.trial.create_trial(
         params={"learning_rate": 0.1, "local_epochs": 1.0, "batch_size": 8.0},
         distributions={
             n: optuna.distributions.FloatDistribution(0.01, 20.0) for n in SPACE.lower.as_dict()
         },
         value=0.5,
-        user_attrs={"rounds": 8},
+        user_attrs={"cost": fathom_tune.Cost(rounds=8).as_dict()},
     )
     study.add_trial(done)  # 8 of the 16 rounds spent
     with pytest.warns(UserWarning, match="Heartbeat"):
@@ -303,7 +315,7 @@ def test_a_stale_trial_keeps_its_budget_until_its_retry_exists(tmp_path, monkeyp
         gone = study.ask()
     storage.set_trial_state_values(gone._trial_id, TrialState.FAIL)
     assert budget.committed(study.get_trials(), retrying=True) == (16, 0)
-    monkeypatch.setattr(baselines._run, "RETRY_WAIT", 0.0)
+    monkeypatch.setattr(baselines._budget, "RETRY_WAIT", 0.0)
     assert budget.committed(study.get_trials(), retrying=True) == (8, 0)
 
 
@@ -387,9 +399,9 @@ def test_four_workers_one_sigkilled_lose_and_duplicate_nothing(tmp_path):
     # The retry continued from the checkpoint and ended where an uninterrupted run ends.
     hp = fathom_tune.HParams(**killed.params)
     ref = fedavg(short_toy(), hp, seed=0)
-    assert retry.value == pytest.approx(ref.final_metrics["accuracy"], abs=1e-6)
-    assert retry.user_attrs["rounds"] == 8
-    assert retry.user_attrs["examples"] == ref.cost.examples
+    assert retry.value == pytest.approx(ref.validation_metrics["accuracy"], abs=1e-6)
+    assert fathom_tune.record.step_cost(retry).rounds == 8
+    assert fathom_tune.record.step_cost(retry).examples == ref.cost.examples
     assert sorted(retry.intermediate_values) == [4, 8]
     # No run was recorded twice: one completed trial per origin.
     origins = [origin(t) for t in trials if t.state == TrialState.COMPLETE]

@@ -1,4 +1,4 @@
-"""Tests of fathom_tune._sampler: FathomSampler, one Optuna trial per round."""
+"""Tests of fathom_tune.fathom.sampler: FathomSampler, one Optuna trial per round."""
 
 from __future__ import annotations
 
@@ -20,18 +20,21 @@ from optuna.testing.pytest_samplers import (
 )
 from optuna.trial import TrialState
 
-from fathom_tune._hparams import Bounds, HParams
-from fathom_tune._hypergrad import ClientTracker, FathomConfig, ServerTracker, aggregate_round
-from fathom_tune._sampler import (
-    DIVERGED_ATTR,
+from fathom_tune.fathom import (
     DIVERGED_LR_FACTOR,
-    G_ATTR,
-    H_ATTR,
-    REJECTED_ATTR,
+    ClientTracker,
+    FathomConfig,
     FathomSampler,
+    ServerTracker,
+    aggregate_round,
     report_divergence,
     report_round,
 )
+from fathom_tune.hparams import Bounds, HParams
+from fathom_tune.record import FATHOM_DIVERGED as DIVERGED_ATTR
+from fathom_tune.record import FATHOM_G as G_ATTR
+from fathom_tune.record import FATHOM_H as H_ATTR
+from fathom_tune.record import FATHOM_REJECTED as REJECTED_ATTR
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -66,11 +69,12 @@ def run_rounds(study: optuna.Study, sampler: FathomSampler, n: int) -> list[HPar
 
 
 def expected_next(hp: HParams, G: float, H: float, gamma=(0.01, 0.01, 0.1)) -> HParams:
-    """The EGN step, written out here in NumPy (independent of egn_step)."""
+    """The EGN step, written out here in NumPy (independent of egn_step);
+    ``gamma = (gamma_eta, gamma_E, gamma_B)``."""
     lo = np.log([BOUNDS.lower.local_epochs, BOUNDS.lower.learning_rate, BOUNDS.lower.batch_size])
     hi = np.log([BOUNDS.upper.local_epochs, BOUNDS.upper.learning_rate, BOUNDS.upper.batch_size])
-    log_e = np.log(hp.local_epochs) + gamma[0] * (H + G)
-    log_eta = np.log(hp.learning_rate) + gamma[1] * H
+    log_e = np.log(hp.local_epochs) + gamma[1] * (H + G)
+    log_eta = np.log(hp.learning_rate) + gamma[0] * H
     log_b = np.log(hp.batch_size) - gamma[2] * G
     e, eta, b = np.exp(np.clip([log_e, log_eta, log_b], lo, hi))
     return HParams(learning_rate=eta, local_epochs=e, batch_size=b)
@@ -463,7 +467,7 @@ def federated_quadratic_run(rounds: int, seed: int = 0):
     )
     study = optuna.create_study(sampler=sampler, direction="minimize")
     x = np.zeros(2)
-    server = ServerTracker.init(x)
+    server = ServerTracker.init(x, alpha=0.5)
     for _ in range(rounds):
         trial = study.ask()
         hp = sampler.suggest(trial)
@@ -485,7 +489,7 @@ def federated_quadratic_run(rounds: int, seed: int = 0):
             phis.append(tracker.phi)
             sizes.append(len(z))
         u, G = aggregate_round(deltas, phis, sizes)
-        H, server = server.update(u, alpha=sampler.config.alpha)
+        H, server = server.update(u)
         x = x - np.asarray(u)
         report_round(trial, G=G, H=H)
         study.tell(trial, float(np.mean(losses)))

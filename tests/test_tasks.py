@@ -82,7 +82,7 @@ def test_same_seed_same_task_other_seed_other_split(name):
 
 
 BAD_KWARGS = [
-    ("digits", {"seed": -1}, ValueError, r"seed must be >= 0, got -1"),
+    ("digits", {"seed": -1}, ValueError, r"seed must be an int >= 0, got -1"),
     ("digits", {"seed": 1.5}, TypeError, r"seed must be an int, got 1.5"),
     (
         "digits",

@@ -1,62 +1,19 @@
-"""Helpers shared by the task builders: argument checks and data containers."""
+"""Helpers shared by the task builders: held-out splits and data containers."""
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Mapping
 
 import fedjax
 import numpy as np
 
-
-def check_seed(name: str, value) -> int:
-    """Returns ``value`` as an int >= 0, or raises naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return int(value)
-
-
-def check_int_range(name: str, value, low: int, high: int | None = None) -> int:
-    """Returns ``value`` as an int in ``[low, high]`` (``high=None``: unbounded)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return int(value)
-
-
-def check_bool(name: str, value) -> bool:
-    """Returns ``value`` if it is a bool, or raises naming ``name``."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
-    return value
-
-
-def check_nonnegative_real(name: str, value) -> float:
-    """Returns ``value`` as a finite float >= 0, or raises naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    if not np.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def check_fraction(name: str, value) -> float:
-    """Returns ``value`` as a float in the open interval (0, 1), or raises naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be in the open interval (0, 1), got {value!r}")
-    return float(value)
+from fathom_tune import checks
 
 
 def check_fractions(validation_fraction, test_fraction) -> tuple[float, float]:
     """Checks the two held-out shares: each in (0, 1), together below 1."""
-    validation_fraction = check_fraction("validation_fraction", validation_fraction)
-    test_fraction = check_fraction("test_fraction", test_fraction)
+    validation_fraction = checks.fraction("validation_fraction", validation_fraction)
+    test_fraction = checks.fraction("test_fraction", test_fraction)
     if validation_fraction + test_fraction >= 1.0:
         raise ValueError(
             f"validation_fraction={validation_fraction!r} + test_fraction={test_fraction!r} "

@@ -8,8 +8,9 @@ import fedjax
 import jax
 import numpy as np
 
-from fathom_tune._hparams import Bounds, HParams
-from fathom_tune.task import Target, Task, check_positive_int
+from fathom_tune import checks
+from fathom_tune.hparams import Bounds, HParams
+from fathom_tune.task import Target, Task
 from fathom_tune.tasks import _common
 
 __all__ = ["from_arrays"]
@@ -101,7 +102,7 @@ def from_arrays(
     if num_classes is None:
         num_classes = _infer_num_classes(model, first_id, first)
     else:
-        num_classes = check_positive_int("num_classes", num_classes)
+        num_classes = checks.positive_int("num_classes", num_classes)
     for split, clients in splits.items():
         for cid, examples in clients.items():
             _check_labels(f"{split}[{cid!r}]", examples["y"], num_classes)

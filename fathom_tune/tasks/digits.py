@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fathom_tune._hparams import Bounds, HParams
+from fathom_tune import checks
+from fathom_tune.hparams import Bounds, HParams
 from fathom_tune.task import Target, Task
 from fathom_tune.tasks import _common
 
@@ -125,15 +126,15 @@ def digits(
         >>> task.train.num_clients(), task.validation.num_clients(), task.test.num_clients()
         (20, 2, 2)
     """
-    seed = _common.check_seed("seed", seed)
-    num_val = _common.check_int_range("num_validation_writers", num_validation_writers, 1)
-    num_test = _common.check_int_range("num_test_writers", num_test_writers, 1)
+    seed = checks.seed("seed", seed)
+    num_val = checks.int_range("num_validation_writers", num_validation_writers, 1)
+    num_test = checks.int_range("num_test_writers", num_test_writers, 1)
     if num_val + num_test > NUM_WRITERS - 1:
         raise ValueError(
             f"num_validation_writers={num_val} + num_test_writers={num_test} leave no "
             f"training writer of the {NUM_WRITERS}; their sum must be <= {NUM_WRITERS - 1}"
         )
-    parts = _common.check_int_range("clients_per_writer", clients_per_writer, 1, 10)
+    parts = checks.int_range("clients_per_writer", clients_per_writer, 1, 10)
 
     from sklearn.datasets import load_digits  # slow to import: only once the arguments are valid
 

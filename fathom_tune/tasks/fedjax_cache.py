@@ -40,9 +40,9 @@ import fedjax
 import numpy as np
 from fedjax.core import sqlite_federated_data
 
-from fathom_tune._hparams import Bounds, HParams
+from fathom_tune import checks
+from fathom_tune.hparams import Bounds, HParams
 from fathom_tune.task import Target, Task
-from fathom_tune.tasks import _common
 
 __all__ = [
     "ENV_VAR",
@@ -172,10 +172,10 @@ def _carve(
 
 
 def _check_common(seed, num_validation_clients, num_test_clients) -> tuple[int, int, int | None]:
-    seed = _common.check_seed("seed", seed)
-    num_val = _common.check_int_range("num_validation_clients", num_validation_clients, 1)
+    seed = checks.seed("seed", seed)
+    num_val = checks.int_range("num_validation_clients", num_validation_clients, 1)
     if num_test_clients is not None:
-        num_test_clients = _common.check_int_range("num_test_clients", num_test_clients, 1)
+        num_test_clients = checks.int_range("num_test_clients", num_test_clients, 1)
     return seed, num_val, num_test_clients
 
 
@@ -227,7 +227,7 @@ def emnist(
         >>> task.train.num_clients()  # doctest: +SKIP
         3300
     """
-    only_digits = _common.check_bool("only_digits", only_digits)
+    only_digits = checks.boolean("only_digits", only_digits)
     seed, num_val, num_test = _check_common(seed, num_validation_clients, num_test_clients)
     directory = cache_dir_of(cache_dir)
     prefix = "digitsonly_" if only_digits else ""
@@ -367,8 +367,8 @@ def stackoverflow(
         >>> import fathom_tune
         >>> task = fathom_tune.tasks.stackoverflow(num_test_clients=1000)  # doctest: +SKIP
     """
-    vocab_size = _common.check_int_range("vocab_size", vocab_size, 1)
-    max_length = _common.check_int_range("max_length", max_length, 1)
+    vocab_size = checks.int_range("vocab_size", vocab_size, 1)
+    max_length = checks.int_range("max_length", max_length, 1)
     seed, num_val, num_test = _check_common(seed, num_validation_clients, num_test_clients)
     directory = cache_dir_of(cache_dir)
     _require(
@@ -452,7 +452,7 @@ def shakespeare_fedjax(
         >>> import fathom_tune
         >>> task = fathom_tune.tasks.shakespeare_fedjax()  # doctest: +SKIP
     """
-    sequence_length = _common.check_int_range("sequence_length", sequence_length, 1)
+    sequence_length = checks.int_range("sequence_length", sequence_length, 1)
     seed, num_val, num_test = _check_common(seed, num_validation_clients, num_test_clients)
     directory = cache_dir_of(cache_dir)
     _require(directory, [SHAKESPEARE_URL.format(split=s) for s in ("train", "test")])

@@ -20,7 +20,8 @@ import re
 import fedjax
 import numpy as np
 
-from fathom_tune._hparams import Bounds, HParams
+from fathom_tune import checks
+from fathom_tune.hparams import Bounds, HParams
 from fathom_tune.task import Target, Task
 from fathom_tune.tasks import _common
 
@@ -107,7 +108,7 @@ def roles(*, min_chars: int = 0, plays: tuple[str, ...] | None = None) -> dict[b
         >>> r[b"othello:IAGO"][0][:27]
         b"'Sblood, but you will not h"
     """
-    min_chars = _common.check_int_range("min_chars", min_chars, 0)
+    min_chars = checks.int_range("min_chars", min_chars, 0)
     every = _all_roles()
     if plays is not None:
         if isinstance(plays, (str, bytes)):
@@ -193,9 +194,9 @@ def shakespeare(
         >>> task.train.num_clients(), task.validation.num_clients(), task.test.num_clients()
         (76, 9, 9)
     """
-    seed = _common.check_seed("seed", seed)
-    small = _common.check_bool("small", small)
-    min_chars = _common.check_int_range("min_chars", min_chars, 1)
+    seed = checks.seed("seed", seed)
+    small = checks.boolean("small", small)
+    min_chars = checks.int_range("min_chars", min_chars, 1)
     chosen = roles(min_chars=min_chars, plays=SMALL_PLAYS if small else None)
     num_train, num_val, _ = _common.holdout_counts(len(chosen), validation_fraction, test_fraction)
     sequence_length = 40 if small else 80

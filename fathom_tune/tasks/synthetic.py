@@ -23,7 +23,8 @@ import haiku as hk
 import jax.numpy as jnp
 import numpy as np
 
-from fathom_tune._hparams import Bounds, HParams
+from fathom_tune import checks
+from fathom_tune.hparams import Bounds, HParams
 from fathom_tune.task import Target, Task
 from fathom_tune.tasks import _common
 
@@ -142,12 +143,12 @@ def synthetic(
         >>> task.train.num_clients(), task.validation.num_clients(), task.test.num_clients()
         (8, 1, 1)
     """
-    alpha = _common.check_nonnegative_real("alpha", alpha)
-    beta = _common.check_nonnegative_real("beta", beta)
-    holdout_clients = _common.check_bool("holdout_clients", holdout_clients)
-    num_clients = _common.check_int_range("num_clients", num_clients, 3 if holdout_clients else 1)
-    seed = _common.check_seed("seed", seed)
-    iid = _common.check_bool("iid", iid)
+    alpha = checks.nonnegative_real("alpha", alpha)
+    beta = checks.nonnegative_real("beta", beta)
+    holdout_clients = checks.boolean("holdout_clients", holdout_clients)
+    num_clients = checks.int_range("num_clients", num_clients, 3 if holdout_clients else 1)
+    seed = checks.seed("seed", seed)
+    iid = checks.boolean("iid", iid)
     _common.check_fractions(validation_fraction, test_fraction)
 
     rng = np.random.default_rng(seed)

@@ -1,4 +1,14 @@
-"""Crash-safe checkpoints: pytrees and JSON metadata in one ``.npz`` file, no pickle.
+"""Crash-safe checkpoints: the one checkpoint and resume path of every training run.
+
+FATHOM runs and baseline trials alike save the loop's
+:class:`~fathom_tune.loop.Progress` with :func:`save_run` and continue from
+:func:`load_run`; a *fingerprint* (what must match between the run that
+wrote a checkpoint and the one that resumes it: task, seed, rounds, engine
+settings, the tuner's settings) is stored with it, and a resume that
+differs is refused with an error naming each field that differs.
+:func:`exclusive` keeps two processes off one checkpoint.
+
+The file format: pytrees and JSON metadata in one ``.npz`` file, no pickle.
 
 A checkpoint holds named pytrees (model parameters, optimizer state,
 FATHOM's moving average ``m``) as plain numeric arrays, and a JSON document
@@ -16,16 +26,29 @@ checkpoint or the new one, never a torn file.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import pathlib
 import zipfile
 
+import filelock
 import jax
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "jsonable", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "check_path",
+    "exclusive",
+    "fingerprint",
+    "jsonable",
+    "load_checkpoint",
+    "load_run",
+    "save_checkpoint",
+    "save_run",
+]
 
 FORMAT_VERSION = 1
 """The checkpoint format; a file with another version is refused."""
@@ -168,3 +191,137 @@ def load_checkpoint(path, *, kind: str, templates: dict) -> tuple[dict, dict]:
             out.append(value)
         trees[name] = jax.tree_util.tree_unflatten(treedef, out)
     return meta, trees
+
+
+# ------------------------------------------------------------------ run level
+def check_path(checkpoint, argument: str = "checkpoint") -> pathlib.Path | None:
+    """``checkpoint`` as a path to a file in an existing directory (``None`` stays None)."""
+    if checkpoint is None:
+        return None
+    if not isinstance(checkpoint, (str, os.PathLike)) or not os.fspath(checkpoint):
+        raise TypeError(f"{argument} must be a file path or None, got {checkpoint!r}")
+    path = pathlib.Path(checkpoint)
+    if path.is_dir():
+        raise ValueError(f"{argument}={str(path)!r} is a directory; give a file path such as run.npz")
+    if not path.parent.is_dir():
+        raise ValueError(f"{argument}={str(path)!r}: directory {str(path.parent)!r} does not exist")
+    return path
+
+
+def fingerprint(engine, *, study: str, num_rounds: int, eval_every: int | None, **tuner) -> dict:
+    """What must match between a checkpoint and the run that resumes it.
+
+    The task, seed and engine settings (:attr:`fathom_tune.Engine.settings`,
+    the server optimizer by its behaviour), the study, the run's length and
+    evaluation cadence, and the tuner's own settings (``tuner``, flattened
+    as ``tuner.<name>``).
+    """
+    out = {
+        "study": study,
+        "task": engine.task.name,
+        "seed": engine.seed,
+        "num_rounds": num_rounds,
+        "eval_every": eval_every,
+        **{f"engine.{k}": v for k, v in engine.settings.as_dict().items()},
+        **{f"tuner.{k}": v for k, v in tuner.items()},
+    }
+    return jsonable(out)
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _differences(path, got: dict, want: dict) -> None:
+    differ = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    if differ:
+        detail = "; ".join(f"{k}: checkpoint {_short(got.get(k))}, this run {_short(want.get(k))}" for k in differ)
+        raise CheckpointError(f"checkpoint {str(path)!r} belongs to another run: it differs in {detail}")
+
+
+def save_run(path, *, kind: str, fingerprint: dict, progress, trees: dict | None = None) -> pathlib.Path:
+    """Atomically saves a run's :class:`~fathom_tune.loop.Progress` and extra ``trees``.
+
+    Example:
+        >>> import tempfile, fathom_tune
+        >>> from fathom_tune.engine import Engine
+        >>> from fathom_tune.loop import Progress
+        >>> engine = Engine(fathom_tune.tasks.digits())
+        >>> fp = fingerprint(engine, study="s", num_rounds=3, eval_every=1)
+        >>> path = save_run(f"{tempfile.mkdtemp()}/r.npz", kind="demo", fingerprint=fp,
+        ...                 progress=Progress(engine.init()))
+        >>> load_run(path, kind="demo", fingerprint=fp, state=engine.init())[0].state.round
+        0
+    """
+    done = progress
+    meta = {
+        "fingerprint": fingerprint,
+        "round": done.state.round,
+        "rng": {"seed": fingerprint.get("seed"), "round": done.state.round},
+        "rows": jsonable(list(done.rows)),
+        "cost": done.cost.as_dict(),
+        "final_metrics": jsonable(done.final_metrics),
+    }
+    all_trees = {"params": done.state.params, "opt_state": done.state.opt_state, **(trees or {})}
+    return save_checkpoint(path, kind=kind, meta=meta, trees=all_trees)
+
+
+def load_run(path, *, kind: str, fingerprint: dict, state, templates: dict | None = None):
+    """Reads a checkpoint of :func:`save_run`: ``(progress, trees)``.
+
+    Args:
+        path: the checkpoint file.
+        kind: the expected kind.
+        fingerprint: this run's :func:`fingerprint`; the checkpoint's must be equal.
+        state: a fresh :class:`~fathom_tune.engine.ServerState`, the template
+            of the stored model and optimizer state.
+        templates: templates of the extra trees (e.g. FATHOM's ``m``).
+
+    Raises:
+        CheckpointError: damaged, of another kind, or another run's (the
+            message names each field that differs and both values).
+    """
+    from fathom_tune.engine import Cost, ServerState
+    from fathom_tune.loop import Progress
+
+    extra = dict(templates or {})
+    meta, trees = load_checkpoint(
+        path, kind=kind, templates={"params": state.params, "opt_state": state.opt_state, **extra}
+    )
+    _differences(path, meta.get("fingerprint") or {}, fingerprint)
+    restored = ServerState(params=trees["params"], opt_state=trees["opt_state"], round=meta["round"])
+    progress = Progress(
+        state=restored,
+        rows=tuple(meta["rows"]),
+        cost=Cost(**meta["cost"]),
+        final_metrics=meta["final_metrics"],
+    )
+    return progress, {k: trees[k] for k in extra}
+
+
+@contextlib.contextmanager
+def exclusive(path):
+    """Holds an exclusive OS lock on ``<path>.lock`` while a run uses checkpoint ``path``.
+
+    The operating system drops the lock when the process dies, so a stale
+    lock file never blocks a resume (``filelock``: ``fcntl`` on POSIX,
+    ``msvcrt`` on Windows).
+
+    Raises:
+        ValueError: another process (or another run in this one) holds it.
+    """
+    path = pathlib.Path(path)
+    lock = filelock.FileLock(str(path.with_name(path.name + ".lock")), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise ValueError(
+            f"checkpoint={str(path)!r} is in use by another running process "
+            f"(lock {lock.lock_file!r} is held); one run per checkpoint"
+        ) from None
+    try:
+        yield path
+    finally:
+        lock.release()
+        pathlib.Path(lock.lock_file).unlink(missing_ok=True)  # filelock retries on an unlinked file

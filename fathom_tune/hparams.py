@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
+
+from fathom_tune import checks
+
+__all__ = ["NAMES", "Bounds", "HParams", "batch_int", "local_steps"]
 
 NAMES = ("learning_rate", "local_epochs", "batch_size")
+"""The three hyperparameters, in the one order used everywhere (vectors, grids, tables)."""
 
 
 def batch_int(batch_size: float) -> int:
@@ -38,16 +42,6 @@ def local_steps(local_epochs: float, num_examples: int, batch_size: float) -> in
     return max(math.ceil(local_epochs * num_examples / batch_int(batch_size)), 1)
 
 
-def check_positive_finite(name: str, value) -> float:
-    """Returns ``value`` as a float, or raises naming ``name`` and what is allowed."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
 class HParams:
     """One round's client hyperparameters.
@@ -64,7 +58,7 @@ class HParams:
 
     def __post_init__(self):
         for name in NAMES:
-            object.__setattr__(self, name, check_positive_finite(name, getattr(self, name)))
+            object.__setattr__(self, name, checks.positive_finite(name, getattr(self, name)))
 
     @property
     def batch_int(self) -> int:

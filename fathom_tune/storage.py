@@ -1,4 +1,7 @@
-"""Opening Optuna storages from what a user passes, with errors that name the argument."""
+"""Opening Optuna storages from what a user passes, with errors that name the argument.
+
+One storage is the record of every tuner (see :mod:`fathom_tune.record`).
+"""
 
 from __future__ import annotations
 
@@ -25,10 +28,20 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 def mask_url(url: str) -> str:
     """``url`` with any password replaced by ``***`` (for logs and reports).
 
-    >>> mask_url("postgresql://bob:secret@db:5432/optuna")
+    URLs are parsed and rendered by SQLAlchemy (``render_as_string(hide_password=True)``),
+    so a password holding ``/`` or ``:`` is hidden whole; in anything else (a
+    journal file path) a ``://user:password@`` part is masked all the same.
+
+    >>> mask_url("postgresql://bob:se/cret@db:5432/optuna")
     'postgresql://bob:***@db:5432/optuna'
     """
-    return re.sub(r"(://[^:/@]+:)[^@/]+@", r"\1***@", url)
+    if _URL.match(url):
+        try:
+            return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+        except Exception:  # noqa: BLE001 - not parseable: fall back to the pattern below
+            pass
+    # a path or an unparseable URL: hide anything that looks like ``://user:password@``
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
 
 
 class _SQLiteStorage(RDBStorage):

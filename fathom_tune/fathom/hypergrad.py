@@ -1,4 +1,4 @@
-"""FATHOM's hypergradients and its exponentiated-gradient step, as pure functions.
+"""FATHOM's hypergradients, as pure functions, and its client and server trackers.
 
 Implements the method of "Federated Hypergradient Descent" (A. K. Kan,
 arXiv 2211.02106), with the conventions of the project's FATHOM_SPEC (the
@@ -16,8 +16,7 @@ One round ``t``:
   average ``m``, then ``m <- alpha m + (1 - alpha) u``
   (:class:`ServerTracker`, :func:`global_hypergradient`,
   :func:`update_momentum`);
-* the hyperparameters move in log space, ``p = log([E, eta, B])``
-  (:func:`egn_step`).
+* the hyperparameters move in log space (:mod:`fathom_tune.fathom.state`).
 
 Model-shaped arguments are pytrees (JAX or NumPy arrays); those functions use
 ``jax.numpy`` only, so they run eagerly, under ``jax.jit`` and under
@@ -27,8 +26,6 @@ Model-shaped arguments are pytrees (JAX or NumPy arrays); those functions use
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -36,28 +33,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fathom_tune._hparams import Bounds, HParams
+from fathom_tune import checks
 
 __all__ = [
-    "EGN_ORDER",
     "ClientTracker",
-    "FathomConfig",
+    "LocalAgreement",
     "ServerTracker",
     "aggregate_round",
     "client_cosine",
-    "egn_step",
     "global_hypergradient",
-    "hparams_from_log",
     "local_hypergradient",
-    "log_hparams",
     "safe_cosine",
     "update_momentum",
 ]
 
 PyTree = Any
-
-EGN_ORDER = ("local_epochs", "learning_rate", "batch_size")
-"""The order of the entries of ``p = log([E, eta, B])``."""
 
 
 def _accumulator_dtype(leaves) -> jnp.dtype:
@@ -262,167 +252,58 @@ class ClientTracker(NamedTuple):
 
 
 class ServerTracker(NamedTuple):
-    """The server's moving average ``m`` of global updates, functional.
+    """FATHOM's server state: the moving average ``m`` of global updates and its smoothing.
 
     :meth:`update` takes the round's mean update ``u`` and returns
-    ``(H, new_tracker)`` with ``H = cos(m_prev, u)``. Keep it with the model:
-    a resumed run must restore ``m`` too. Skip the update for a round that
-    is discarded (e.g. one that diverged).
+    ``(H, new_tracker)`` with ``H = cos(m_prev, u)`` and
+    ``m <- alpha m + (1 - alpha) u``. Keep it with the model: a resumed run
+    must restore ``m`` too. Skip the update for a round that is discarded
+    (e.g. one that diverged). A pytree (``alpha`` is a leaf), so it passes
+    through ``jax.jit``.
 
     Attributes:
         momentum: ``m``, zeros before the first round.
+        alpha: the smoothing of ``m``, in ``[0, 1)`` (FATHOM's default 0.5).
 
     Example:
         >>> import numpy as np
-        >>> server = ServerTracker.init(np.zeros(2))
-        >>> H, server = server.update(np.array([1.0, 0.0]), alpha=0.5)
+        >>> server = ServerTracker.init(np.zeros(2), alpha=0.5)
+        >>> H, server = server.update(np.array([1.0, 0.0]))
         >>> float(H), server.momentum.tolist()
         (0.0, [0.5, 0.0])
-        >>> H, server = server.update(np.array([1.0, 1.0]), alpha=0.5)
+        >>> H, server = server.update(np.array([1.0, 1.0]))
         >>> round(float(H), 4)
         0.7071
     """
 
     momentum: PyTree
-
-    @classmethod
-    def init(cls, params: PyTree) -> ServerTracker:
-        """``m = 0`` shaped like the model ``params``."""
-        return cls(momentum=jax.tree_util.tree_map(jnp.zeros_like, params))
-
-    def update(self, update: PyTree, *, alpha: float) -> tuple[jax.Array, ServerTracker]:
-        """Returns ``(H, tracker)``: ``H`` from the previous ``m``, then ``m`` updated."""
-        h = global_hypergradient(self.momentum, update)
-        return h, ServerTracker(momentum=update_momentum(self.momentum, update, alpha))
-
-
-def log_hparams(hparams: HParams) -> np.ndarray:
-    """``p = log([E, eta, B])`` (float64, in :data:`EGN_ORDER`).
-
-    >>> log_hparams(HParams(learning_rate=1.0, local_epochs=1.0, batch_size=1.0)).tolist()
-    [0.0, 0.0, 0.0]
-    """
-    return np.log(np.array([getattr(hparams, n) for n in EGN_ORDER], dtype=np.float64))
-
-
-def hparams_from_log(p) -> HParams:
-    """The :class:`HParams` ``exp(p)`` of ``p = log([E, eta, B])``.
-
-    >>> hparams_from_log([0.0, 0.0, 0.0])
-    HParams(learning_rate=1.0, local_epochs=1.0, batch_size=1.0)
-    """
-    values = np.exp(_vector3("p", p))
-    return HParams(**{n: float(v) for n, v in zip(EGN_ORDER, values)})
-
-
-def _vector3(name: str, value) -> np.ndarray:
-    out = np.asarray(value, dtype=np.float64)
-    if out.shape != (3,):
-        raise ValueError(f"{name} must have shape (3,) in the order {EGN_ORDER}, got {out.shape}")
-    if not np.all(np.isfinite(out)):
-        raise ValueError(f"{name} must be finite, got {out.tolist()}")
-    return out
-
-
-def _finite(name: str, value) -> float:
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return value
-
-
-def egn_step(p, H: float, G: float, gamma, lower, upper) -> np.ndarray:
-    """One FATHOM hyper step on ``p = log([E, eta, B])``, clipped to the bounds.
-
-    ``log E += gamma_E (H + G)``, ``log eta += gamma_eta H``,
-    ``log B -= gamma_B G``; then ``p`` itself is clipped into
-    ``[log lower, log upper]``, so it never winds up past a bound: one step in
-    the other direction moves away from the bound at once.
-
-    Args:
-        p: ``log([E, eta, B])``, shape (3,), :data:`EGN_ORDER`.
-        H: the global hypergradient of the round.
-        G: the local hypergradient of the round.
-        gamma: ``(gamma_E, gamma_eta, gamma_B)``, each >= 0.
-        lower: ``(E, eta, B)`` lower bounds (> 0, natural units).
-        upper: ``(E, eta, B)`` upper bounds (natural units).
-
-    Returns:
-        The next ``p``, float64 array of shape (3,).
-
-    Example:
-        >>> p = np.log([1.0, 0.1, 20.0])
-        >>> q = egn_step(p, H=0.5, G=0.8, gamma=(0.01, 0.01, 0.1), lower=(0.1, 1e-3, 1.0),
-        ...              upper=(10.0, 1.0, 256.0))
-        >>> np.round(q - p, 6).tolist()  # [0.01*(0.5+0.8), 0.01*0.5, -0.1*0.8]
-        [0.013, 0.005, -0.08]
-    """
-    p = _vector3("p", p)
-    gamma = _vector3("gamma", gamma)
-    lower, upper = _vector3("lower", lower), _vector3("upper", upper)
-    if np.any(lower <= 0) or np.any(lower > upper):
-        raise ValueError(
-            f"need 0 < lower <= upper, got lower={lower.tolist()}, upper={upper.tolist()}"
-        )
-    H, G = _finite("H", H), _finite("G", G)
-    step = gamma * np.array([H + G, H, -G])
-    return np.clip(p + step, np.log(lower), np.log(upper))
-
-
-def _check_rate(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"FathomConfig.{name} must be a real number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"FathomConfig.{name} must be a finite number >= 0, got {value!r}")
-    return value
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FathomConfig:
-    """FATHOM's settings; the defaults are the paper's.
-
-    Attributes:
-        init: the first round's hyperparameters; ``None`` takes the task's
-            defaults.
-        bounds: the box the hyperparameters stay in (``p`` is clipped to it);
-            ``None`` takes the task's bounds.
-        gamma_local_epochs: ``gamma_E``, hyper learning rate of ``log E``
-            (default 0.01).
-        gamma_learning_rate: ``gamma_eta``, hyper learning rate of ``log eta``
-            (default 0.01).
-        gamma_batch_size: ``gamma_B``, hyper learning rate of ``log B``
-            (default 0.1).
-        alpha: smoothing of the moving average ``m`` of global updates, in
-            ``[0, 1)`` (default 0.5).
-
-    A hyper learning rate of 0 freezes that hyperparameter.
-
-    Example:
-        >>> FathomConfig(gamma_batch_size=0.05).gamma
-        (0.01, 0.01, 0.05)
-    """
-
-    init: HParams | None = None
-    bounds: Bounds | None = None
-    gamma_local_epochs: float = 0.01
-    gamma_learning_rate: float = 0.01
-    gamma_batch_size: float = 0.1
     alpha: float = 0.5
 
-    def __post_init__(self):
-        if self.init is not None and not isinstance(self.init, HParams):
-            raise TypeError(f"FathomConfig.init must be an HParams or None, got {self.init!r}")
-        if self.bounds is not None and not isinstance(self.bounds, Bounds):
-            raise TypeError(f"FathomConfig.bounds must be a Bounds or None, got {self.bounds!r}")
-        for name in ("gamma_local_epochs", "gamma_learning_rate", "gamma_batch_size", "alpha"):
-            object.__setattr__(self, name, _check_rate(name, getattr(self, name)))
-        if not self.alpha < 1.0:
-            raise ValueError(f"FathomConfig.alpha must be in [0, 1), got {self.alpha!r}")
-        if self.init is not None and self.bounds is not None:
-            self.bounds.check(self.init, what="FathomConfig.init")
+    @classmethod
+    def init(cls, params: PyTree, *, alpha: float = 0.5) -> ServerTracker:
+        """``m = 0`` shaped like the model ``params``."""
+        alpha = checks.nonnegative_real("alpha", alpha)
+        if not alpha < 1.0:
+            raise ValueError(f"alpha must be in [0, 1), got {alpha!r}")
+        return cls(momentum=jax.tree_util.tree_map(jnp.zeros_like, params), alpha=alpha)
 
-    @property
-    def gamma(self) -> tuple[float, float, float]:
-        """``(gamma_E, gamma_eta, gamma_B)`` in :data:`EGN_ORDER`."""
-        return (self.gamma_local_epochs, self.gamma_learning_rate, self.gamma_batch_size)
+    def update(self, update: PyTree) -> tuple[jax.Array, ServerTracker]:
+        """Returns ``(H, tracker)``: ``H`` from the previous ``m``, then ``m`` updated."""
+        h = global_hypergradient(self.momentum, update)
+        return h, self._replace(momentum=update_momentum(self.momentum, update, self.alpha))
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalAgreement:
+    """FATHOM's client statistic ``phi_i = min_k cos(g_k, x0 - x_{k+1})`` as an engine hook.
+
+    A :class:`fathom_tune.engine.ClientStatistic`: FATHOM turns it on with
+    ``Engine(task, client_statistic=LocalAgreement())``; each step folds
+    :meth:`ClientTracker.update` into the client's running minimum (start +1).
+    """
+
+    name: str = "phi"
+    initial: float = 1.0
+
+    def update(self, stat, x0, grad, params):
+        return ClientTracker(x0=x0, phi=stat).update(grad, params).phi

@@ -30,31 +30,19 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from fathom_tune._hparams import NAMES, Bounds, HParams
-from fathom_tune._hypergrad import EGN_ORDER, FathomConfig, egn_step, hparams_from_log, log_hparams
+from fathom_tune.fathom.state import FathomConfig, egn_step, hparams_from_log, log_hparams
+from fathom_tune.hparams import NAMES, Bounds, HParams
+from fathom_tune.record import FATHOM_DIVERGED as DIVERGED_ATTR
+from fathom_tune.record import FATHOM_G as G_ATTR
+from fathom_tune.record import FATHOM_H as H_ATTR
+from fathom_tune.record import FATHOM_REJECTED as REJECTED_ATTR
 
 __all__ = [
-    "DIVERGED_ATTR",
     "DIVERGED_LR_FACTOR",
-    "G_ATTR",
-    "H_ATTR",
-    "REJECTED_ATTR",
     "FathomSampler",
     "report_divergence",
     "report_round",
 ]
-
-H_ATTR = "fathom.H"
-"""Trial user attr: the round's global hypergradient ``H = cos(m, u)``."""
-
-G_ATTR = "fathom.G"
-"""Trial user attr: the round's local hypergradient ``G = sum_i w_i phi_i``."""
-
-DIVERGED_ATTR = "fathom.diverged"
-"""Trial user attr: ``True`` when the round diverged (see :class:`FathomSampler`)."""
-
-REJECTED_ATTR = "fathom.rejected"
-"""Trial *system* attr: why :meth:`FathomSampler.after_trial` rejected a round."""
 
 DIVERGED_LR_FACTOR = 0.5
 """The learning rate of the round after a diverged one, relative to the diverged round's."""
@@ -162,10 +150,11 @@ class FathomSampler(BaseSampler):
     Args:
         init: the first round's hyperparameters, within ``bounds``.
         bounds: the box ``p`` is clipped to.
-        config: hyper learning rates and ``alpha`` (default
-            :class:`FathomConfig`); its ``init``/``bounds`` must be ``None``
-            or equal to the arguments. ``sampler.config`` holds the resolved
-            config (``sampler.config.alpha`` is for :class:`ServerTracker`).
+        config: the hyper learning rates (default :class:`FathomConfig`);
+            its ``init``/``bounds`` must be ``None`` or equal to the
+            arguments. The sampler reads only ``gamma``; ``alpha`` belongs to
+            the loop's :class:`ServerTracker`. ``sampler.config`` holds the
+            resolved config.
         seed: seed of the random sampler used for other parameters.
 
     Example:
@@ -209,14 +198,7 @@ class FathomSampler(BaseSampler):
                     f"leave config.{name} None or pass the same value"
                 )
         bounds.check(init, what="FathomSampler init")
-        self._config = FathomConfig(
-            init=init,
-            bounds=bounds,
-            gamma_local_epochs=config.gamma_local_epochs,
-            gamma_learning_rate=config.gamma_learning_rate,
-            gamma_batch_size=config.gamma_batch_size,
-            alpha=config.alpha,
-        )
+        self._config = dataclasses.replace(config, init=init, bounds=bounds)
         self._independent = RandomSampler(seed=seed)
         lower, upper = bounds.lower, bounds.upper
         self._search_space = {
@@ -266,8 +248,8 @@ class FathomSampler(BaseSampler):
                 )
             H = _hypergradient_value(trial.user_attrs[H_ATTR])
             G = _hypergradient_value(trial.user_attrs[G_ATTR])
-            lower = [getattr(bounds.lower, n) for n in EGN_ORDER]
-            upper = [getattr(bounds.upper, n) for n in EGN_ORDER]
+            lower = [getattr(bounds.lower, n) for n in NAMES]
+            upper = [getattr(bounds.upper, n) for n in NAMES]
             p = egn_step(log_hparams(used), H, G, config.gamma, lower, upper)
             return bounds.clip(hparams_from_log(p))
         return config.init

@@ -1,0 +1,134 @@
+"""The values a FedAvg round works with: the ledger, the server state, a round's result,
+the batch-size ladder and the client sampling rule (see :mod:`fathom_tune.engine`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from fathom_tune.hparams import HParams
+
+def default_buckets(max_size: int = 1 << 16) -> tuple[int, ...]:
+    """The batch-size ladder: 1, 2, 3, then ``2^k`` and ``3 * 2^(k-1)``.
+
+    Consecutive buckets differ by at most 1.5x, so padding costs at most a third
+    of a step's compute; a batch size drifting from 4 to 256 meets 13 buckets.
+
+    >>> default_buckets(64)
+    (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    """
+    out = {1, 2, 3}
+    k = 2
+    while (1 << k) <= max_size:
+        out.add(1 << k)
+        if 3 << (k - 1) <= max_size:
+            out.add(3 << (k - 1))
+        k += 1
+    return tuple(sorted(out))
+
+
+def bucket_size(batch: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= ``batch``.
+
+    >>> bucket_size(20, default_buckets()), bucket_size(24, default_buckets())
+    (24, 24)
+    """
+    for b in buckets:
+        if b >= batch:
+            return b
+    raise ValueError(f"batch size {batch} exceeds the largest bucket {buckets[-1]}")
+
+
+def sample_clients(seed: int, round_index: int, num_clients: int, k: int) -> np.ndarray:
+    """Indices of the ``k`` clients of round ``round_index``: a function of (seed, round).
+
+    >>> list(sample_clients(0, 3, 10, 4)) == list(sample_clients(0, 3, 10, 4))
+    True
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, round_index, 0x5A]))
+    return np.sort(rng.choice(num_clients, size=k, replace=False))
+
+
+def client_rng(seed: int, round_index: int, client_index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, round_index, client_index, 0xB5]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """What training consumed: one round's, or a sum over rounds or trials.
+
+    Attributes:
+        rounds: communication rounds.
+        examples: client examples processed (one per example in every local
+            gradient, i.e. ``sum_i K_i * B_int``).
+        steps: local SGD steps, ``sum_i K_i``.
+        bytes_down: server to clients: the model, once per sampled client.
+        bytes_up: clients to server: each client's update plus three float32
+            scalars (its example count, training loss and client statistic).
+        seconds: wall-clock seconds.
+    """
+
+    rounds: int = 0
+    examples: int = 0
+    steps: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    seconds: float = 0.0
+
+    def __add__(self, other: Cost) -> Cost:
+        if not isinstance(other, Cost):
+            return NotImplemented
+        return Cost(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerState:
+    """The server's model and optimizer state after ``round`` rounds."""
+
+    params: object
+    opt_state: object
+    round: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundResult:
+    """What one round produced.
+
+    Attributes:
+        round: the round's index (0-based).
+        hparams: the hyperparameters the round used.
+        client_ids: the sampled clients.
+        num_examples: ``n_i`` of each sampled client.
+        local_steps: ``K_i`` of each sampled client.
+        statistic: the engine's :class:`ClientStatistic` of each sampled
+            client (e.g. FATHOM's ``phi_i``), or ``None`` when it has none.
+        client_loss: each client's mean minibatch loss over its local steps.
+        train_loss: example-weighted mean of ``client_loss``.
+        update: the weighted mean update ``u`` (gradient-signed pytree).
+        cost: what this round consumed.
+    """
+
+    round: int
+    hparams: HParams
+    client_ids: tuple
+    num_examples: np.ndarray
+    local_steps: np.ndarray
+    statistic: np.ndarray | None
+    client_loss: np.ndarray
+    train_loss: float
+    update: object
+    cost: Cost
+
+    @property
+    def finite(self) -> bool:
+        """Whether the loss and the update are finite (no divergence)."""
+        if not math.isfinite(self.train_loss):
+            return False
+        return bool(all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(self.update)))

@@ -1,0 +1,363 @@
+"""``fathom_tune.optimize``: one FedAvg run tuned by FATHOM, recorded as an Optuna study.
+
+FATHOM is the method of "Federated Hypergradient Descent" (A. K. Kan,
+arXiv 2211.02106). Every communication round is one Optuna trial: the
+:class:`~fathom_tune.FathomSampler` suggests the round's hyperparameters from
+the study's earlier rounds, the engine runs the round with FATHOM's client
+statistic ``phi`` turned on, and the round's hypergradients ``G`` (from the
+clients) and ``H`` (from the server's moving average of updates) are told
+back with the training loss as the value, through :mod:`fathom_tune.record`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import pathlib
+import warnings
+
+import jax
+import optuna
+from optuna.trial import TrialState
+
+from fathom_tune import checkpoint as ckpt
+from fathom_tune import checks, record
+from fathom_tune.engine import Engine, RoundResult
+from fathom_tune.fathom.hypergrad import LocalAgreement, ServerTracker, local_hypergradient
+from fathom_tune.fathom.sampler import FathomSampler, report_divergence, report_round
+from fathom_tune.fathom.state import FathomConfig
+from fathom_tune.hparams import NAMES, HParams
+from fathom_tune.loop import Outcome, Progress, rounds_to_target, run
+from fathom_tune.storage import open_storage
+from fathom_tune.task import Task
+from fathom_tune.tuners import TuningResult
+
+__all__ = ["optimize"]
+
+TUNER = "fathom"
+CHECKPOINT_KIND = "fathom"
+
+_log = logging.getLogger(__name__)
+
+
+@jax.jit
+def _server_step(tracker: ServerTracker, update):
+    return tracker.update(update)
+
+
+class _FathomSchedule:
+    """The loop's schedule: ask a trial per round, tell it with G, H and the loss.
+
+    ``recorded`` maps rounds that the study already finished (a resumed run
+    whose checkpoint is older than the study) to their trials: those rounds
+    are run again from the checkpoint, deterministically, with the recorded
+    hyperparameters, and nothing new is written for them.
+    """
+
+    def __init__(self, study, sampler: FathomSampler, tracker: ServerTracker, recorded=None):
+        self.study = study
+        self.sampler = sampler
+        self.tracker = tracker
+        self.recorded = dict(recorded or {})
+        self.trial: optuna.Trial | None = None
+        self.replay = None
+
+    def propose(self, round_index: int) -> HParams:
+        self.replay = self.recorded.pop(round_index, None)
+        if self.replay is not None:
+            return HParams(**{n: self.replay.params[n] for n in NAMES})
+        with warnings.catch_warnings():  # one round per trial: the checkpoint lock, not a
+            # heartbeat, tells a dead run's trial (see _reconcile)
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            self.trial = self.study.ask()
+        self.trial.set_user_attr(record.ROUND, round_index)
+        return self.sampler.suggest(self.trial)
+
+    def observe(self, result: RoundResult, metrics, accepted: bool) -> Outcome:
+        G = local_hypergradient(result.statistic, result.num_examples)
+        evals = [] if metrics is None else [record.evaluation(1, result.cost.examples, metrics)]
+        if self.replay is None:
+            record.write_step(
+                self.trial,
+                cost=result.cost,
+                evals=evals,
+                **{record.LOCAL_STEPS: int(result.local_steps.sum())},
+            )
+        if not accepted:
+            if self.replay is None:
+                report_divergence(self.trial)
+                self.study.tell(self.trial, state=TrialState.FAIL)
+            return Outcome(record={"H": math.nan, "G": G, "diverged": True})
+        h, self.tracker = _server_step(self.tracker, result.update)
+        h = float(h)
+        if self.replay is not None:
+            if not math.isclose(self.replay.value, result.train_loss, rel_tol=1e-5, abs_tol=1e-7):
+                warnings.warn(
+                    f"round {result.round} replayed after a resume gave training loss "
+                    f"{result.train_loss!r}; the study recorded {self.replay.value!r}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        else:
+            report_round(self.trial, G=G, H=h)
+            self.study.tell(self.trial, result.train_loss)
+        return Outcome(record={"H": h, "G": G, "diverged": False})
+
+
+def _refuse_orphan_checkpoint(path: pathlib.Path, storage) -> None:
+    if isinstance(storage, str) and storage.startswith("sqlite:///"):
+        if not pathlib.Path(storage[len("sqlite:///") :]).is_file():
+            raise ckpt.CheckpointError(
+                f"checkpoint {str(path)!r} exists but storage={storage!r} does not: "
+                "resume with the storage the run was started with"
+            )
+
+
+def optimize(
+    task: Task,
+    *,
+    config: FathomConfig | None = None,
+    seed: int = 0,
+    num_rounds: int | None = None,
+    eval_every: int | None = None,
+    storage=None,
+    study_name: str | None = None,
+    checkpoint=None,
+    checkpoint_every: int = 1,
+    progress: bool = False,
+    tuner: str = TUNER,
+    **engine_kwargs,
+) -> TuningResult:
+    """Trains ``task`` with FedAvg while FATHOM tunes eta, E and B every round.
+
+    Args:
+        task: the federated task (e.g. ``fathom_tune.tasks.digits()``).
+        config: FATHOM's settings (:class:`FathomConfig`); its ``init`` and
+            ``bounds`` default to the task's.
+        seed: model initialisation, client sampling and shuffling.
+        num_rounds: communication rounds (default: the task's).
+        eval_every: validation cadence in rounds (default: the task's).
+        storage: ``None`` (in memory), an Optuna storage, an RDB URL such as
+            ``"sqlite:///fathom.db"``, or a journal file path.
+        study_name: default ``<task>/fathom/seed<seed>``. Without a
+            checkpoint, the study must not hold rounds already.
+        checkpoint: a file path (``.npz``) for crash-safe resume, used with a
+            persistent ``storage``. If the file does not exist the run starts
+            and writes it every ``checkpoint_every`` rounds (atomically: the
+            model, the server optimizer state, FATHOM's ``m``, the round,
+            the ledger and the history); if it exists the run continues from
+            it and ends exactly as an uninterrupted run would. While a run
+            holds the checkpoint, a second run on it is refused.
+        checkpoint_every: rounds between checkpoints.
+        progress: show a progress bar.
+        tuner: the tuner name recorded in the study (and its default name);
+            a registered FATHOM variant passes its own.
+        **engine_kwargs: passed to :class:`~fathom_tune.engine.Engine`
+            (``server_optimizer``, ``buckets``, ``client_block``, ...).
+
+    Returns:
+        A :class:`~fathom_tune.tuners.TuningResult` whose ``history`` has one
+        row per round: ``round``, ``learning_rate``, ``local_epochs``,
+        ``batch_size``, ``local_steps``, ``H``, ``G``, ``train_loss``,
+        ``accepted`` (False for a discarded divergent round),
+        ``val_<metric>`` on evaluation rounds, and the cumulative ``rounds``,
+        ``examples``, ``steps``, ``bytes_up``, ``bytes_down`` and
+        ``seconds``; ``hparams`` are the values FATHOM would use next.
+
+    Raises:
+        TypeError, ValueError: for bad arguments, before anything is written.
+        fathom_tune.CheckpointError: a checkpoint that is damaged or from
+            another run (other task, seed, rounds, config, engine settings
+            such as the server optimizer, or study).
+
+    Example:
+        >>> import fathom_tune
+        >>> result = fathom_tune.optimize(fathom_tune.tasks.digits(), num_rounds=5)
+        >>> len(result.study.trials), list(result.history["round"])
+        (5, [0, 1, 2, 3, 4])
+    """
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a fathom_tune.Task, got {type(task).__name__}")
+    config = FathomConfig() if config is None else config
+    if not isinstance(config, FathomConfig):
+        raise TypeError(f"config must be a FathomConfig or None, got {type(config).__name__}")
+    config = config.resolve(task)
+    if study_name is not None and (not isinstance(study_name, str) or not study_name):
+        raise ValueError(f"study_name must be a non-empty str or None, got {study_name!r}")
+    name = study_name or record.study_name(task.name, tuner, seed)
+    engine = Engine(task, seed=seed, client_statistic=LocalAgreement(), **engine_kwargs)
+    num_rounds = checks.positive_int("num_rounds", task.num_rounds if num_rounds is None else num_rounds)
+    if eval_every is not None:
+        checks.positive_int("eval_every", eval_every)
+    every = checks.positive_int("checkpoint_every", checkpoint_every)
+    path = ckpt.check_path(checkpoint)
+    if path is not None and storage is None:
+        raise ValueError(
+            "checkpoint needs a persistent storage (an RDB URL or a journal file path): the "
+            "rounds of an in-memory study would be lost with the process"
+        )
+    run_ = _Run(task, engine, config, num_rounds, eval_every, name, path, every, tuner)
+    if path is not None and path.exists():  # refuse a bad checkpoint before anything is written
+        run_.load()
+        _refuse_orphan_checkpoint(path, storage)
+    opened = open_storage(storage)
+    if path is None:
+        return run_(opened, progress)
+    with ckpt.exclusive(path):
+        return run_(opened, progress)
+
+
+@dataclasses.dataclass
+class _Run:
+    """One FATHOM run's fixed parts, and the steps of :func:`optimize` that use the storage."""
+
+    task: Task
+    engine: Engine
+    config: FathomConfig
+    num_rounds: int
+    eval_every: int | None
+    name: str
+    path: pathlib.Path | None
+    every: int
+    tuner: str
+
+    def fingerprint(self) -> dict:
+        config = ckpt.jsonable(dataclasses.asdict(self.config))
+        return ckpt.fingerprint(
+            self.engine, study=self.name, num_rounds=self.num_rounds, eval_every=self.eval_every, config=config
+        )
+
+    def load(self) -> tuple[Progress, ServerTracker]:
+        state = self.engine.init()
+        momentum = ServerTracker.init(state.params).momentum
+        progress, trees = ckpt.load_run(
+            self.path,
+            kind=CHECKPOINT_KIND,
+            fingerprint=self.fingerprint(),
+            state=state,
+            templates={"momentum": momentum},
+        )
+        return progress, ServerTracker(momentum=trees["momentum"], alpha=self.config.alpha)
+
+    def open_study(self, opened) -> tuple[optuna.Study, Progress | None, ServerTracker]:
+        resume, tracker = None, None
+        if self.path is not None and self.path.exists():
+            resume, tracker = self.load()
+        existing = {}
+        if opened is not None:
+            existing = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(opened)}
+        if resume is None and existing.get(self.name):
+            raise ValueError(
+                f"study_name={self.name!r} already holds {existing[self.name]} rounds in this "
+                "storage; a FATHOM run cannot continue without its model: choose another "
+                "study_name or storage, or pass the checkpoint= of the run that wrote it"
+            )
+        if resume is not None and self.name not in existing:
+            raise ckpt.CheckpointError(
+                f"checkpoint {str(self.path)!r} is at round {resume.state.round} but the storage "
+                f"holds no study {self.name!r}; resume with the storage the run was started with"
+            )
+        config = self.config
+        sampler = FathomSampler(init=config.init, bounds=config.bounds, config=config, seed=self.engine.seed)
+        study = optuna.create_study(
+            storage=opened, study_name=self.name, sampler=sampler, direction="minimize", load_if_exists=True
+        )
+        record.write_header(
+            study,
+            task=self.task.name,
+            tuner=self.tuner,
+            seed=self.engine.seed,
+            unit="round",
+            target=self.task.target,
+            rounds_per_run=self.num_rounds,
+            budget_rounds=self.num_rounds,
+            config=config.settings(),
+        )
+        if tracker is None:
+            tracker = ServerTracker.init(self.engine.init().params, alpha=config.alpha)
+        return study, resume, tracker
+
+    def __call__(self, opened, progress: bool) -> TuningResult:
+        study, resume, tracker = self.open_study(opened)
+        recorded = {} if resume is None else _reconcile(study, resume, self.path)
+        _log.info(
+            "FATHOM %s: %s at round %d of %d",
+            self.name,
+            "resumed" if resume else "started",
+            0 if resume is None else resume.state.round,
+            self.num_rounds,
+        )
+        sampler = study.sampler
+        schedule = _FathomSchedule(study, sampler, tracker, recorded)
+
+        def on_round(done: Progress) -> None:
+            if len(done.rows) % self.every == 0 or len(done.rows) == self.num_rounds:
+                ckpt.save_run(
+                    self.path,
+                    kind=CHECKPOINT_KIND,
+                    fingerprint=self.fingerprint(),
+                    progress=done,
+                    trees={"momentum": schedule.tracker.momentum},
+                )
+
+        out = run(
+            self.engine,
+            schedule,
+            num_rounds=self.num_rounds,
+            eval_every=self.eval_every,
+            resume=resume,
+            on_round=None if self.path is None else on_round,
+            progress="FATHOM " + self.task.name if progress else False,
+        )
+        test_metrics = self.engine.evaluate(out.params, "test")
+        hparams = sampler.next_hparams(study)
+        record.write_outcome(
+            study, hparams=hparams, validation=out.final_metrics, test=test_metrics, ledger=out.cost
+        )
+        history = out.history
+        order = ["round", *NAMES, "local_steps", "H", "G", "train_loss"]
+        history = history[order + [c for c in history.columns if c not in order]]
+        target = self.task.target
+        return TuningResult(
+            study=study,
+            history=history,
+            hparams=hparams,
+            params=out.params,
+            cost=out.cost,
+            rounds_to_target=rounds_to_target(history, target),
+            examples_to_target=rounds_to_target(history, target, column="examples"),
+            validation_metrics=out.final_metrics,
+            test_metrics=test_metrics,
+            target=target,
+        )
+
+
+def _trial_round(trial) -> int:
+    return int(trial.user_attrs.get(record.ROUND, trial.number))
+
+
+def _reconcile(study: optuna.Study, resume: Progress, path) -> dict:
+    """Fails the rounds a killed run left RUNNING; returns the finished rounds past the checkpoint.
+
+    The caller holds the checkpoint's lock, so no other process is running
+    this study's rounds: a RUNNING trial is stale.
+    """
+    done = len(resume.rows)
+    finished = {}
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state == TrialState.RUNNING:
+            study._storage.set_trial_user_attr(trial._trial_id, record.STALE, True)
+            study.tell(trial.number, state=TrialState.FAIL)
+        elif trial.state == TrialState.COMPLETE or (
+            trial.state == TrialState.FAIL and trial.user_attrs.get(record.FATHOM_DIVERGED) is True
+        ):
+            finished[_trial_round(trial)] = trial
+    missing = [r for r in range(done) if r not in finished]
+    if missing:
+        raise ckpt.CheckpointError(
+            f"checkpoint {str(path)!r} is at round {done} but study {study.study_name!r} has no "
+            f"finished trial for rounds {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+            "resume with the storage the run was started with"
+        )
+    return {r: t for r, t in finished.items() if r >= done}

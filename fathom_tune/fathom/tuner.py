@@ -1,0 +1,70 @@
+"""FATHOM as a :class:`~fathom_tune.tuners.Tuner`: one training run, tuned while it trains."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import optuna
+
+from fathom_tune import record
+from fathom_tune.fathom.optimize import optimize
+from fathom_tune.fathom.state import FathomConfig
+from fathom_tune.storage import open_storage
+from fathom_tune.tuners import Request, Tuner, TuningResult, result_from_record
+
+__all__ = ["Fathom"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fathom(Tuner):
+    """FATHOM ("Federated Hypergradient Descent", arXiv 2211.02106) as a registered tuner.
+
+    :meth:`~fathom_tune.tuners.Tuner.run` spends one training run of ``task.num_rounds`` rounds
+    whatever the budget (FATHOM's claim is one run instead of many) through
+    :func:`fathom_tune.optimize`. With a persistent storage and a
+    ``checkpoint_dir`` it is crash-safe and re-runnable: a finished run is
+    read back from the storage, a run cut off mid-way continues from its
+    checkpoint, and a partial study without a checkpoint (its model is lost)
+    is deleted and run again from round 0.
+
+    Attributes:
+        name: the registry name (``"fathom"``); a variant with another
+            ``config`` needs its own name.
+        config: FATHOM's settings.
+    """
+
+    name: str = "fathom"
+    config: FathomConfig = FathomConfig()
+
+    def tune(self, request: Request) -> TuningResult:
+        task = request.task
+        name = request.study_name(self.name)
+        path = None
+        if request.checkpoint_dir is not None:
+            path = request.checkpoint_dir / (name.replace("/", "-") + ".npz")
+        opened = open_storage(request.storage)
+        if opened is not None and path is not None:
+            summaries = {s.study_name: s for s in optuna.get_all_study_summaries(opened)}
+            held = summaries.get(name)
+            if held is not None and not path.exists():
+                if record.LEDGER in held.user_attrs:  # finished: its record is the result
+                    _log.info("%s: complete, read from the storage", name)
+                    study = optuna.load_study(study_name=name, storage=opened)
+                    return result_from_record(record.read_run(study))
+                optuna.delete_study(study_name=name, storage=opened)
+                _log.warning("%s: held %d rounds and no checkpoint; deleted and run again", name, held.n_trials)
+            elif held is None and path.exists():
+                path.unlink()  # its study is gone; start over
+        return optimize(
+            task,
+            config=self.config,
+            seed=request.seed,
+            storage=opened,
+            study_name=name,
+            checkpoint=path,
+            progress=request.progress,
+            tuner=self.name,
+        )

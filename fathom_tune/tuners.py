@@ -1,0 +1,310 @@
+"""One tuner interface, one result type, one registry of tuners by name.
+
+A *tuner* picks FedAvg's client hyperparameters on a task and records its
+run in an Optuna study through :mod:`fathom_tune.record`. FATHOM
+(:class:`fathom_tune.fathom.Fathom`), every search baseline
+(:class:`baselines.Baseline`) and any tuner a user writes subclass
+:class:`Tuner` (a ``name`` and a :meth:`Tuner.tune`); :func:`get` finds one by
+name, and ``python -m studies.compare --tuners`` accepts every registered name.
+
+Registering a tuner: call :func:`register` in the process, or ship it in a
+package with an entry point in the group ``fathom_tune.tuners`` whose object
+is a tuner, or a mapping or iterable of tuners (this project's own
+``baselines`` registers that way). For example, a TPE search with
+successive halving after every evaluation::
+
+    import baselines, fathom_tune
+    fathom_tune.tuners.register(baselines.Baseline("tpe+sha1", baselines.TPE(),
+                                baselines.SuccessiveHalving(reduction_factor=2)))
+
+Example:
+    >>> import fathom_tune
+    >>> fathom_tune.tuners.get("fathom").name
+    'fathom'
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import importlib.metadata
+import logging
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+import pandas as pd
+
+from fathom_tune import checks
+from fathom_tune.engine import Cost, Engine
+from fathom_tune.hparams import HParams
+from fathom_tune.record import RunRecord, study_name
+from fathom_tune.loop import Static, rounds_to_target, run
+from fathom_tune.task import Target, Task
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Request",
+    "Tuner",
+    "TuningResult",
+    "fedavg",
+    "get",
+    "names",
+    "register",
+    "result_from_record",
+]
+
+ENTRY_POINT_GROUP = "fathom_tune.tuners"
+"""The entry-point group through which installed packages register tuners."""
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TuningResult:
+    """What every tuner returns; the same fields, names and kinds for all of them.
+
+    Attributes:
+        study: the Optuna study the tuner recorded its run in (``None`` for
+            :func:`fedavg`, which tunes nothing).
+        history: one row per step: per round for tuners that adapt during one
+            run (and for :func:`fedavg`), per trial for search baselines.
+        hparams: the hyperparameters the tuner returns (FATHOM: those it would
+            use next; a search: its chosen trial's), or None.
+        params: the returned model's parameters (None when not available,
+            e.g. a resumed search whose chosen trial ran in another process
+            without a checkpoint).
+        cost: everything the tuner spent (all rounds, all trials).
+        rounds_to_target: communication rounds the whole tuning spent until a
+            model first met the task's target on validation, or None.
+        examples_to_target: the same in client examples, or None.
+        validation_metrics: validation metrics of the returned model.
+        test_metrics: test metrics of the returned model (never used to tune).
+        target: the task's target.
+    """
+
+    study: optuna.Study | None
+    history: pd.DataFrame
+    hparams: HParams | None
+    params: Any
+    cost: Cost
+    rounds_to_target: int | None
+    examples_to_target: int | None
+    validation_metrics: dict[str, float]
+    test_metrics: dict[str, float]
+    target: Target
+
+
+def result_from_record(run: RunRecord, params=None) -> TuningResult:
+    """The :class:`TuningResult` of a recorded run, read from the storage alone.
+
+    ``history`` is the record's per-step table (:attr:`RunRecord.steps`);
+    ``params`` is whatever the caller has (the storage holds no model).
+    """
+    rounds, examples = run.cost_to_target()
+    return TuningResult(
+        study=run.study,
+        history=run.steps,
+        hparams=run.hparams,
+        params=params,
+        cost=run.ledger,
+        rounds_to_target=rounds,
+        examples_to_target=examples,
+        validation_metrics=dict(run.validation),
+        test_metrics=dict(run.test),
+        target=run.target,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One call of :meth:`Tuner.run`, checked: what a tuner's :meth:`Tuner.tune` gets.
+
+    Attributes:
+        task: the federated task.
+        budget_rounds: the tuning budget in communication rounds, or None.
+        seed: the engine's and the tuner's seed.
+        storage: the storage as given (open it with :func:`fathom_tune.open_storage`).
+        checkpoint_dir: an existing directory for crash-safe runs, or None.
+        progress: show progress bars.
+    """
+
+    task: Task
+    budget_rounds: int | None
+    seed: int
+    storage: Any
+    checkpoint_dir: pathlib.Path | None
+    progress: bool
+
+    def study_name(self, tuner: str) -> str:
+        """``<task>/<tuner>/seed<k>``."""
+        return study_name(self.task.name, tuner, self.seed)
+
+
+class Tuner(abc.ABC):
+    """Picks a task's hyperparameters within a budget and records the run.
+
+    Subclasses set :attr:`name` and implement :meth:`tune`; :meth:`run` is
+    the one public entry point, the same for every tuner.
+
+    Attributes:
+        name: the registry name; studies are named ``<task>/<name>/seed<k>``
+            (no ``/`` in it).
+    """
+
+    name: str
+
+    def run(
+        self,
+        task: Task,
+        *,
+        budget_rounds: int | None = None,
+        seed: int = 0,
+        storage=None,
+        checkpoint_dir=None,
+        progress: bool = False,
+    ) -> TuningResult:
+        """Tunes ``task`` and returns the :class:`TuningResult`.
+
+        Args:
+            task: the federated task.
+            budget_rounds: the tuning budget in communication rounds, summed
+                over everything the tuner trains (``None``: the tuner's
+                default; a one-run tuner spends one run of ``task.num_rounds``).
+            seed: the engine's and the tuner's seed.
+            storage: ``None`` (in memory), an Optuna storage, an RDB URL or a
+                journal file path; the study ``<task>/<name>/seed<seed>``
+                there is created or, when it exists, continued.
+            checkpoint_dir: an existing directory for crash-safe runs; a
+                re-run after a crash continues from it and ends as an
+                uninterrupted run would.
+            progress: show progress bars.
+
+        Raises:
+            TypeError, ValueError: a bad argument, before anything is written.
+        """
+        if not isinstance(task, Task):
+            raise TypeError(f"task must be a fathom_tune.Task, got {type(task).__name__}")
+        if budget_rounds is not None:
+            budget_rounds = checks.positive_int("budget_rounds", budget_rounds)
+        if checkpoint_dir is not None:
+            checkpoint_dir = pathlib.Path(checkpoint_dir)
+            if not checkpoint_dir.is_dir():
+                raise ValueError(f"checkpoint_dir={str(checkpoint_dir)!r} is not an existing directory")
+        request = Request(
+            task=task,
+            budget_rounds=budget_rounds,
+            seed=checks.seed("seed", seed),
+            storage=storage,
+            checkpoint_dir=checkpoint_dir,
+            progress=checks.boolean("progress", progress),
+        )
+        return self.tune(request)
+
+    @abc.abstractmethod
+    def tune(self, request: Request) -> TuningResult:
+        """Runs the tuner for a checked :class:`Request`."""
+
+
+_REGISTERED: dict[str, Tuner] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register(tuner: Tuner, *, replace: bool = False) -> Tuner:
+    """Adds ``tuner`` to the registry under ``tuner.name``; returns it.
+
+    Raises:
+        TypeError: ``tuner`` does not implement :class:`Tuner`.
+        ValueError: the name is empty or holds ``/``, or is taken (unless
+            ``replace``).
+    """
+    if not isinstance(tuner, Tuner):
+        raise TypeError(f"tuner must be a fathom_tune.tuners.Tuner, got {tuner!r}")
+    name = tuner.name
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"tuner.name must be a non-empty str without '/', got {name!r}")
+    if name in _REGISTERED and not replace and _REGISTERED[name] is not tuner:
+        raise ValueError(f"a tuner named {name!r} is already registered; pass replace=True")
+    _REGISTERED[name] = tuner
+    return tuner
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            found = ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not hide the others
+            _log.warning("tuner entry point %r could not be loaded: %s", ep.value, exc)
+            continue
+        if isinstance(found, Tuner):
+            found = [found]
+        elif isinstance(found, Mapping):
+            found = list(found.values())
+        for tuner in found:
+            if tuner.name not in _REGISTERED:
+                register(tuner)
+
+
+def names() -> list[str]:
+    """Every registered tuner's name: FATHOM first, then by name."""
+    _load_entry_points()
+    return sorted(_REGISTERED, key=lambda n: (n != "fathom", n))
+
+
+def get(name: str) -> Tuner:
+    """The tuner registered as ``name``.
+
+    Raises:
+        ValueError: unknown ``name``; the message lists the valid names.
+    """
+    _load_entry_points()
+    if not isinstance(name, str) or name not in _REGISTERED:
+        raise ValueError(f"unknown tuner {name!r}; valid tuners: {', '.join(names())}")
+    return _REGISTERED[name]
+
+
+def fedavg(
+    task: Task,
+    hparams: HParams | None = None,
+    *,
+    seed: int = 0,
+    num_rounds: int | None = None,
+    eval_every: int | None = None,
+    progress: bool | str = False,
+    **engine_kwargs,
+) -> TuningResult:
+    """Static FedAvg on ``task`` (default: the task's initial hyperparameters), untuned.
+
+    The same :class:`TuningResult` as every tuner, with ``study=None`` and
+    one history row per round.
+
+    Example:
+        >>> import fathom_tune
+        >>> out = fedavg(fathom_tune.tasks.digits(), num_rounds=3)
+        >>> out.cost.rounds, sorted(out.test_metrics)
+        (3, ['accuracy', 'loss'])
+    """
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a fathom_tune.Task, got {type(task).__name__}")
+    hparams = task.init_hparams if hparams is None else hparams
+    if not isinstance(hparams, HParams):
+        raise TypeError(f"hparams must be an HParams, got {hparams!r}")
+    engine = Engine(task, seed=seed, **engine_kwargs)
+    out = run(engine, Static(hparams), num_rounds=num_rounds, eval_every=eval_every, progress=progress)
+    return TuningResult(
+        study=None,
+        history=out.history,
+        hparams=hparams,
+        params=out.params,
+        cost=out.cost,
+        rounds_to_target=rounds_to_target(out.history, task.target),
+        examples_to_target=rounds_to_target(out.history, task.target, column="examples"),
+        validation_metrics=out.final_metrics,
+        test_metrics=engine.evaluate(out.params, "test"),
+        target=task.target,
+    )

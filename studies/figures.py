@@ -1,0 +1,146 @@
+"""The report's seaborn figures, drawn from the run records of a comparison.
+
+Every function takes the tables of :mod:`studies.report` (built from
+:class:`fathom_tune.record.RunRecord`) and writes one PNG; none asks which
+tuner wrote a run.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from fathom_tune.hparams import NAMES  # noqa: E402
+from fathom_tune.record import RunRecord  # noqa: E402
+from fathom_tune.task import Target  # noqa: E402
+
+__all__ = ["best_so_far", "cost_to_target", "hparams_per_round"]
+
+_DASHES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (3, 1, 1, 1, 1, 1))]
+_PLAIN = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
+
+
+def _on_grid(curve: pd.DataFrame, records: list[RunRecord], x: str, points: int = 400) -> pd.DataFrame:
+    """Each run's best-so-far step function on a shared grid, for mean and sd bands
+    over seeds: NaN before its first evaluation; after its last evaluation it holds its
+    best until the most that any seed of the same tuner spent (a finished tuner keeps
+    its best model), then NaN."""
+    spent: dict[str, float] = {}
+    for r in records:  # a tuner's curve runs to the most any of its seeds spent
+        total = float(getattr(r.ledger, x))
+        spent[r.tuner] = max(spent.get(r.tuner, 0.0), total)
+    top = max([*spent.values(), 1.0])
+    grid = np.unique(np.concatenate([np.linspace(0, top, points), curve[x].to_numpy(float)]))
+    frames = []
+    for (tuner, seed), g in curve.groupby(["tuner", "seed"], sort=False):
+        xs, ys = g[x].to_numpy(float), g["best"].to_numpy(float)
+        idx = np.searchsorted(xs, grid, side="right") - 1
+        y = np.where(idx >= 0, ys[np.clip(idx, 0, None)], np.nan)
+        y = np.where(grid <= max(spent[tuner], xs[-1]), y, np.nan)
+        frames.append(pd.DataFrame({"tuner": tuner, "seed": seed, x: grid, "best": y}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def best_so_far(curve, records, x: str, xlabel: str, target: Target, run_length, path) -> None:
+    """Best validation metric against cumulative ``x`` (rounds or examples), per tuner."""
+    data = _on_grid(curve, records, x)
+    stats = data.groupby(["tuner", x], sort=False)["best"].agg(["mean", "std", "count"])
+    tuners = list(dict.fromkeys(data["tuner"]))
+    colors = sns.color_palette(n_colors=len(tuners))
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, tuner in enumerate(tuners):  # later tuners dashed, so coinciding curves stay visible
+        st = stats.loc[tuner].reset_index()
+        sd = st["std"].where(st["count"] > 1, 0.0)
+        ax.step(
+            st[x], st["mean"], where="post", color=colors[i], lw=2.2 - 0.3 * i, ls=_DASHES[i % len(_DASHES)], label=tuner
+        )
+        ax.fill_between(st[x], st["mean"] - sd, st["mean"] + sd, step="post", color=colors[i], alpha=0.12, lw=0)
+    ax.axhline(target.value, color="black", ls="--", lw=1, label=f"target {target.metric} {target.value:g}")
+    if run_length:
+        ax.axvline(run_length, color="grey", ls=":", lw=1, label="one training run")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"best validation {target.metric} so far")
+    ax.set_title(f"Best validation {target.metric} vs {xlabel} (mean ± sd over seeds)")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def hparams_per_round(records: list[RunRecord], path) -> bool:
+    """The hyperparameters per round of every run whose trials are rounds; False if none."""
+    frames = []
+    for r in records:
+        if r.unit != "round" or r.steps.empty:
+            continue
+        steps = r.steps[r.steps["rounds"] > 0]
+        frames.append(
+            pd.DataFrame(
+                {
+                    "round": steps["round"] if "round" in steps else steps["number"],
+                    "run": f"{r.tuner} seed {r.seed}",
+                    **{n: steps[n] for n in NAMES},
+                    "local_steps": steps["local_steps"] if "local_steps" in steps else np.nan,
+                }
+            )
+        )
+    if not frames:
+        return False
+    df = pd.concat(frames, ignore_index=True)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+    labels = {
+        "learning_rate": "learning rate",
+        "local_epochs": "local epochs",
+        "batch_size": "batch size",
+        "local_steps": "local steps (sum over the round's clients)",
+    }
+    for ax, (col, label) in zip(axes.flat, labels.items()):
+        sns.lineplot(data=df, x="round", y=col, hue="run", ax=ax, legend=col == "learning_rate")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(_PLAIN)
+        ax.yaxis.set_minor_formatter(_PLAIN)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle("Hyperparameters per communication round (tuners that adapt during one run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def cost_to_target(seeds: pd.DataFrame, path) -> None:
+    """Rounds and client examples until the target, per tuner, with how many seeds reached it."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    order = list(dict.fromkeys(seeds["tuner"]))
+    for ax, (col, label) in zip(
+        axes, [("rounds_to_target", "communication rounds"), ("examples_to_target", "client examples")]
+    ):
+        sns.barplot(data=seeds, x="tuner", y=col, order=order, errorbar="sd", capsize=0.2, ax=ax)
+        sns.stripplot(data=seeds, x="tuner", y=col, order=order, color="black", size=4, ax=ax)
+        for i, tuner in enumerate(order):
+            g = seeds[seeds["tuner"] == tuner]
+            ax.annotate(
+                f"{int(g['reached'].sum())}/{len(g)} reached",
+                (i, 0),
+                xytext=(0, 3),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="white" if g["reached"].any() else "black",
+            )
+        ax.set_ylabel(f"{label} until the target (all tuning)")
+        ax.set_xlabel("")
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle("Cost until a model first reaches the target (mean ± sd over the seeds that reached it)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
