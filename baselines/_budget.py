@@ -154,7 +154,6 @@ class Budget:
             )
         if reason is not None:
             trial.set_user_attr(record.NOT_RUN, {"reason": reason, "budget": self.limits})
-            trial.study.stop()
             raise NotRun(f"trial {trial.number} not run: {reason}")
 
 

@@ -41,12 +41,15 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import optuna
+from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from baselines._budget import Budget, NotRun
+from baselines._seeding import PerTrialSeed
 from baselines._objective import Objective, check_space, preference
 from baselines._registry import Baseline, get
 from fathom_tune import checks, record
@@ -204,18 +207,24 @@ def run(
     _log.info("%s: %d of %d rounds spent, worker %d", study.study_name, spent, budget_rounds, worker)
     bar = tqdm(total=budget_rounds, initial=spent, desc=study.study_name, unit="round", disable=not progress)
 
-    def after_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    def after_trial(trial: FrozenTrial) -> None:
         bar.update(record.step_cost(trial).rounds)
         objective.remove_beaten(study)  # now that the trial is told (see remove_beaten)
         best = choose(study)
         if best is not None:
             bar.set_postfix({task.target.metric: f"{best.value:.4f}"})
-        if budget.stop_reason(study) is not None:
-            study.stop()
 
     with bar:
-        if budget.stop_reason(study) is None:
-            study.optimize(objective, callbacks=[after_trial], catch=(NotRun,), gc_after_trial=False)
+        for trial in _interrupted(study, worker):  # admitted before the interrupt: run them first
+            _log.info("%s: continuing interrupted trial %d", study.study_name, trial.number)
+            if not _run_trial(study, trial, objective, after_trial):
+                break
+        while budget.stop_reason(study) is None:
+            with warnings.catch_warnings():  # the heartbeat runs around each trial, as optimize's does
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = study.ask()
+            if not _run_trial(study, trial, objective, after_trial):
+                break
 
     chosen = choose(study)  # the latest worker to finish leaves the final choice
     validation = {}
@@ -234,6 +243,45 @@ def run(
     return result_from_record(record.read_run(study), params=params)
 
 
+def _interrupted(study: optuna.Study, worker: int) -> list[optuna.Trial]:
+    """This worker's trials that an interrupt left RUNNING, to be continued in place."""
+    return [
+        optuna.Trial(study, t._trial_id)
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.user_attrs.get(record.INTERRUPTED) and t.user_attrs.get(record.WORKER) == worker
+    ]
+
+
+def _run_trial(study: optuna.Study, trial: optuna.Trial, objective, after_trial) -> bool:
+    """Runs and tells one trial; False when the budget refused it (the worker stops).
+
+    An interrupt (``KeyboardInterrupt``; the command lines turn SIGTERM into
+    one) leaves the trial RUNNING and marked :data:`fathom_tune.record.INTERRUPTED`
+    with its reservation: the same worker continues it in place on its next
+    call, with the same number, hyperparameters and intermediate values, from
+    its checkpoint, so the study ends as an uninterrupted one would. A killed
+    worker's trial goes the heartbeat's way instead (failed, then retried).
+    """
+    state, value = TrialState.COMPLETE, None
+    with get_heartbeat_thread(trial._trial_id, study._storage):
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except NotRun:
+            study.tell(trial, state=TrialState.FAIL)
+            return False
+        except KeyboardInterrupt:
+            trial.set_user_attr(record.INTERRUPTED, True)
+            raise
+        except Exception:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+    frozen = study.tell(trial, value) if state == TrialState.COMPLETE else study.tell(trial, state=state)
+    after_trial(frozen)
+    return True
+
+
 def _spent(study: optuna.Study) -> Cost:
     return sum((record.step_cost(t) for t in study.get_trials(deepcopy=False)), Cost())
 
@@ -242,14 +290,9 @@ def _open_study(opened, task: Task, baseline: Baseline, seed: int, worker: int, 
     """The study ``<task>/<baseline>/seed<k>``, created or continued, with its header written."""
     sname = record.study_name(task.name, baseline.name, seed)
     direction = "maximize" if task.target.mode == "max" else "minimize"
-    # The sampler must exist before the study; its stream needs the study's trial count.
-    existing = 0
-    if opened is not None:
-        try:
-            existing = len(opened.get_all_trials(opened.get_study_id_from_name(sname), deepcopy=False))
-        except KeyError:  # a new study
-            pass
-    sampler = baseline.sampler.build(space, seed=seed, stream=worker * 1_000_003 + existing)
+    sampler = PerTrialSeed(
+        lambda stream: baseline.sampler.build(space, seed=seed, stream=stream), name=baseline.name, worker=worker
+    )
     study = optuna.create_study(
         storage=opened,
         study_name=sname,

@@ -301,8 +301,9 @@ def load_run(path, *, kind: str, fingerprint: dict, state, templates: dict | Non
 
 
 @contextlib.contextmanager
-def exclusive(path):
-    """Holds an exclusive OS lock on ``<path>.lock`` while a run uses checkpoint ``path``.
+def exclusive(path, what: str = "checkpoint"):
+    """Holds an exclusive OS lock on ``<path>.lock`` while a run uses ``path`` (``what``
+    names it in the error: a checkpoint, an output directory).
 
     The operating system drops the lock when the process dies, so a stale
     lock file never blocks a resume (``filelock``: ``fcntl`` on POSIX,
@@ -317,8 +318,8 @@ def exclusive(path):
         lock.acquire()
     except filelock.Timeout:
         raise ValueError(
-            f"checkpoint={str(path)!r} is in use by another running process "
-            f"(lock {lock.lock_file!r} is held); one run per checkpoint"
+            f"{what}={str(path)!r} is in use by another running process "
+            f"(lock {lock.lock_file!r} is held); one run at a time"
         ) from None
     try:
         yield path

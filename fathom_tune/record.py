@@ -59,6 +59,7 @@ __all__ = [
     "FATHOM_H",
     "FATHOM_REJECTED",
     "HPARAMS",
+    "INTERRUPTED",
     "LEDGER",
     "LOCAL_STEPS",
     "NOT_RUN",
@@ -70,12 +71,14 @@ __all__ = [
     "TEST",
     "UNITS",
     "VALIDATION",
+    "WALL",
     "WORKER",
     "RunRecord",
     "evaluation",
     "load_runs",
     "read_run",
     "step_cost",
+    "add_wall_time",
     "study_name",
     "write_header",
     "write_outcome",
@@ -99,6 +102,10 @@ HPARAMS = "hparams"
 """The hyperparameters the tuner returns (a dict of the three names)."""
 VALIDATION, TEST = "validation", "test"
 """Validation and test metrics of the model the tuner returns (dicts)."""
+WALL = "wall"
+"""What the run took: ``{"seconds", "compile_seconds"}`` summed over every process that
+worked on it (each :meth:`fathom_tune.tuners.Tuner.run` call adds its own, interrupted
+ones too), JAX compilation included in ``seconds`` and shown apart."""
 
 # ---------------------------------------------------------------- trial attrs
 COST = "cost"
@@ -110,6 +117,8 @@ ROUND = "round"
 """The 0-based communication round a ``unit = "round"`` trial recorded."""
 STALE = "stale"
 """``True`` on a trial left RUNNING by a killed process and failed when the run resumed."""
+INTERRUPTED = "interrupted"
+"""``True`` on a trial an interrupt (Ctrl-C, SIGTERM) left RUNNING; a re-run continues it in place."""
 DIVERGED = "diverged"
 """``True`` when the trial's training hit a non-finite loss or update."""
 LOCAL_STEPS = "local_steps"
@@ -213,6 +222,15 @@ def write_outcome(
     )
 
 
+def add_wall_time(study: optuna.Study, *, seconds: float, compile_seconds: float) -> None:
+    """Adds one process's wall time on the run (and the part of it spent compiling)."""
+    before = study.user_attrs.get(WALL) or {"seconds": 0.0, "compile_seconds": 0.0}
+    study.set_user_attr(
+        WALL,
+        {"seconds": before["seconds"] + seconds, "compile_seconds": before["compile_seconds"] + compile_seconds},
+    )
+
+
 def evaluation(rounds: int, examples: int, metrics: dict) -> dict:
     """One :data:`EVALS` entry: validation ``metrics`` after ``rounds`` and ``examples``.
 
@@ -265,6 +283,8 @@ class RunRecord:
             over trials while the run has not finished).
         hparams: the hyperparameters the tuner returns, or None.
         validation, test: metrics of the model the tuner returns.
+        wall_seconds, compile_seconds: what the run took (:data:`WALL`); the
+            ledger's seconds while no tuner recorded it.
     """
 
     study: optuna.Study
@@ -283,6 +303,8 @@ class RunRecord:
     hparams: HParams | None
     validation: dict
     test: dict
+    wall_seconds: float
+    compile_seconds: float
 
     @property
     def spent_steps(self) -> int:
@@ -360,6 +382,8 @@ def read_run(study: optuna.Study) -> RunRecord:
     ledger = attrs.get(LEDGER)
     hparams = attrs.get(HPARAMS)
     m = _NAME.match(study.study_name)
+    wall = attrs.get(WALL) or {}
+    ledger = spent if ledger is None else Cost(**ledger)
     return RunRecord(
         study=study,
         task=attrs.get(TASK, m["task"] if m else ""),
@@ -373,10 +397,12 @@ def read_run(study: optuna.Study) -> RunRecord:
         config=attrs.get(CONFIG) or {},
         steps=steps,
         evaluations=evaluations,
-        ledger=spent if ledger is None else Cost(**ledger),
+        ledger=ledger,
         hparams=None if hparams is None else HParams(**hparams),
         validation=attrs.get(VALIDATION) or {},
         test=attrs.get(TEST) or {},
+        wall_seconds=float(wall.get("seconds", ledger.seconds)),
+        compile_seconds=float(wall.get("compile_seconds", math.nan)),
     )
 
 

@@ -30,16 +30,19 @@ import dataclasses
 import importlib.metadata
 import logging
 import pathlib
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import optuna
 import pandas as pd
 
-from fathom_tune import checks
+from fathom_tune import checks, record
+from fathom_tune._timing import compile_seconds
 from fathom_tune.engine import Cost, Engine
 from fathom_tune.hparams import HParams
 from fathom_tune.record import RunRecord, study_name
+from fathom_tune.storage import open_storage
 from fathom_tune.loop import Static, rounds_to_target, run
 from fathom_tune.task import Target, Task
 
@@ -94,6 +97,16 @@ class TuningResult:
     validation_metrics: dict[str, float]
     test_metrics: dict[str, float]
     target: Target
+
+
+def _recorded(request: Request, tuner: str) -> optuna.Study | None:
+    """The tuner's study in a persistent storage, if it exists (after an interrupt)."""
+    if request.storage is None:
+        return None
+    try:
+        return optuna.load_study(study_name=request.study_name(tuner), storage=open_storage(request.storage))
+    except (KeyError, ValueError, TypeError):
+        return None
 
 
 def result_from_record(run: RunRecord, params=None) -> TuningResult:
@@ -200,7 +213,19 @@ class Tuner(abc.ABC):
             checkpoint_dir=checkpoint_dir,
             progress=checks.boolean("progress", progress),
         )
-        return self.tune(request)
+        start, compiled = time.perf_counter(), compile_seconds()
+        result = None
+        try:
+            result = self.tune(request)
+            return result
+        finally:  # also when interrupted: the time spent is part of the run's cost
+            study = result.study if result is not None else _recorded(request, self.name)
+            if study is not None:
+                record.add_wall_time(
+                    study,
+                    seconds=time.perf_counter() - start,
+                    compile_seconds=compile_seconds() - compiled,
+                )
 
     @abc.abstractmethod
     def tune(self, request: Request) -> TuningResult:

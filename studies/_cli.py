@@ -7,15 +7,16 @@ status 2, the option named).
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import re
+import shutil
+import signal
+import sys
 import tempfile
+import threading
 
-import sqlalchemy.engine
-
-from fathom_tune.storage import mask_url
-
-__all__ = ["dashboard_command", "storage_problem", "unwritable_reason"]
+__all__ = ["dashboard_command", "interruptible", "storage_problem", "unwritable_reason"]
 
 SQLITE = "sqlite:///"
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # what fathom_tune.open_storage takes for a URL
@@ -24,10 +25,62 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # what fathom_tune.open_stora
 def dashboard_command(storage: str) -> str:
     """The command that shows ``storage`` in optuna-dashboard, bound to localhost only.
 
-    >>> dashboard_command("postgresql://bob:secret@db/optuna")
-    'optuna-dashboard --host 127.0.0.1 postgresql://bob:***@db/optuna'
+    The dashboard installed next to this Python (a virtualenv's ``bin``) is named by
+    its path, relative when it lies below the working directory, so the command
+    works as printed without activating the virtualenv.
+
+    >>> dashboard_command("postgresql://bob:secret@db/optuna").endswith(
+    ...     "optuna-dashboard --host 127.0.0.1 postgresql://bob:***@db/optuna")
+    True
     """
-    return f"optuna-dashboard --host 127.0.0.1 {mask_url(storage)}"
+    from fathom_tune.storage import mask_url
+
+    return f"{_dashboard_executable()} --host 127.0.0.1 {mask_url(storage)}"
+
+
+def _dashboard_executable() -> str:
+    beside = pathlib.Path(sys.executable).parent / "optuna-dashboard"
+    if beside.exists():
+        try:
+            return str(beside.relative_to(pathlib.Path.cwd()))
+        except ValueError:
+            return str(beside)
+    return shutil.which("optuna-dashboard") or "optuna-dashboard"
+
+
+@contextlib.contextmanager
+def interruptible():
+    """While inside, SIGINT (Ctrl-C) and SIGTERM both raise ``KeyboardInterrupt``, so every
+    way of stopping a command leaves the same state behind.
+
+    Python raises a signal's exception wherever the main thread is, also inside a
+    finalizer, which swallows it ("Exception ignored in ..."); the interrupt is
+    therefore raised again a second later unless the block has been left by then.
+    """
+    again: list[threading.Timer] = []
+
+    def stop(signum, frame):
+        if not again:
+            timer = threading.Timer(1.0, signal.raise_signal, args=(signal.SIGINT,))
+            timer.daemon = True
+            again.append(timer)
+            timer.start()
+        raise KeyboardInterrupt
+
+    def unraisable(info):  # the swallowed interrupt is raised again: no traceback for it
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            hook(info)
+
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for timer in again:
+            timer.cancel()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        sys.unraisablehook = hook
 
 
 def unwritable_reason(path: pathlib.Path) -> str | None:
@@ -66,6 +119,10 @@ def storage_problem(storage: str) -> str | None:
     >>> print(storage_problem("nosuchdb://bob:secret@host/x"))  # doctest: +ELLIPSIS
     'nosuchdb://bob:***@host/x' is not an Optuna RDB URL (NoSuchModuleError: ...)
     """
+    import sqlalchemy.engine
+
+    from fathom_tune.storage import mask_url
+
     shown = repr(mask_url(storage))
     if storage.startswith(SQLITE):
         db = pathlib.Path(storage[len(SQLITE) :])

@@ -42,13 +42,10 @@ import pathlib
 import sys
 import time
 
-import optuna
+from studies._cli import SQLITE, dashboard_command, interruptible, storage_problem, unwritable_reason
 
-import fathom_tune
-from fathom_tune import record, tuners
-from fathom_tune.storage import mask_url
-from studies._cli import SQLITE, dashboard_command, storage_problem, unwritable_reason
-from studies.report import build_report
+# fathom_tune (and with it JAX), optuna and the report are imported once the
+# options have parsed: `--help` answers at once.
 
 QUICK = {
     "task": "digits",
@@ -64,6 +61,8 @@ DEFAULT_MULTIPLE = 10.0
 
 def valid_tuners() -> list[str]:
     """Every registered tuner (:func:`fathom_tune.tuners.names`)."""
+    from fathom_tune import tuners
+
     return tuners.names()
 
 
@@ -81,13 +80,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--task",
         default=None,
-        help=f"task (default digits; valid: {sorted(fathom_tune.tasks.REGISTRY)})",
+        help="a built-in offline task (default digits; an unknown name is answered with the list)",
     )
     p.add_argument(
         "--tuners",
         nargs="+",
         default=None,
-        help=f"tuners (default: {' '.join(DEFAULT_TUNERS)}; valid: {', '.join(valid_tuners())})",
+        help=f"registered tuners (default: {' '.join(DEFAULT_TUNERS)}; an unknown name is answered "
+        "with the list of every registered tuner)",
     )
     p.add_argument(
         "--seeds",
@@ -142,6 +142,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.rounds = quick.get("rounds")
     if args.budget_multiple is None and args.budget_rounds is None:
         args.budget_multiple = quick.get("budget_multiple", DEFAULT_MULTIPLE)
+
+    import fathom_tune
+    from fathom_tune import tuners
 
     if args.task not in fathom_tune.tasks.REGISTRY:
         parser.error(
@@ -204,6 +207,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _check_existing(storage, args) -> str | None:
     """Why the storage's existing studies conflict with this comparison, or None."""
+    import optuna
+
+    from fathom_tune import record
+
     task = args.task_obj
     names = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     for tuner in args.tuners:
@@ -222,6 +229,10 @@ def _check_existing(storage, args) -> str | None:
 
 def _run_tuner(name: str, storage, task, seed: int, budget: int, progress: bool, out_root) -> str:
     """Runs (or continues) one tuner on one seed; returns a line for the log."""
+    import optuna
+
+    from fathom_tune import record, tuners
+
     study = record.study_name(task.name, name, seed)
     before = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}.get(study, 0)
     checkpoints = out_root / "checkpoints"
@@ -234,12 +245,40 @@ def _run_tuner(name: str, storage, task, seed: int, budget: int, progress: bool,
 
 
 def main(argv=None) -> int:
-    """Runs the comparison and writes the report; returns the exit status."""
+    """Runs the comparison and writes the report; returns the exit status.
+
+    Ctrl-C or SIGTERM ends it with one line and exit status 130; every finished
+    round and trial is in the storage and the same command continues from there.
+    A second comparison writing to the same ``--out`` at the same time is refused.
+    """
     args = parse_args(argv)
-    progress = not args.no_progress
+    from fathom_tune.checkpoint import exclusive
+
     out_root = pathlib.Path(args.out)
     out_created = not out_root.exists()
     out_root.mkdir(parents=True, exist_ok=True)
+    try:
+        with exclusive(out_root / "compare", what="--out"):
+            return _compare(args, out_root, out_created)
+    except ValueError as exc:  # the lock is held: another comparison writes here
+        print(f"python -m studies.compare: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\npython -m studies.compare: interrupted; every finished round and trial is saved "
+            "in the storage: run the same command again to continue",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _compare(args, out_root: pathlib.Path, out_created: bool) -> int:
+    import optuna
+
+    import fathom_tune
+    from fathom_tune.storage import mask_url
+    from studies.report import build_report
+
     if args.storage.startswith(SQLITE):  # validated writable in parse_args
         pathlib.Path(args.storage[len(SQLITE) :]).parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -248,7 +287,7 @@ def main(argv=None) -> int:
     except (TypeError, ValueError) as exc:
         conflict = str(exc)
     if conflict:
-        if out_created and not any(out_root.iterdir()):
+        if out_created and not any(p.name != "compare.lock" for p in out_root.iterdir()):
             out_root.rmdir()
         print(f"python -m studies.compare: error: {conflict}", file=sys.stderr)
         return 2
@@ -264,16 +303,13 @@ def main(argv=None) -> int:
         f"{mask_url(args.storage)}",
         flush=True,
     )
-    for seed in args.seeds:
-        for tuner in args.tuners:
-            print(_run_tuner(tuner, storage, task, seed, args.budget_rounds, progress, out_root), flush=True)
-    report = build_report(
-        args.storage, task.name, args.report_dir, tuners=args.tuners, seeds=args.seeds
-    )
-    print(
-        f"report: {report} ({time.perf_counter() - start:.0f} s); "
-        f"dashboard: {dashboard_command(args.storage)}"
-    )
+    with interruptible():
+        for seed in args.seeds:
+            for tuner in args.tuners:
+                line = _run_tuner(tuner, storage, task, seed, args.budget_rounds, not args.no_progress, out_root)
+                print(line, flush=True)
+    report = build_report(args.storage, task.name, args.report_dir, tuners=args.tuners, seeds=args.seeds)
+    print(f"report: {report} ({time.perf_counter() - start:.0f} s); dashboard: {dashboard_command(args.storage)}")
     return 0
 
 

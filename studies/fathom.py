@@ -3,46 +3,45 @@
 Usage:
     python -m studies.fathom [--task digits] [--rounds N] [--seed K]
                              [--storage sqlite:///reports/fathom_tune.db]
-                             [--checkpoint run.npz]
+                             [--checkpoint run.npz] [--study-name NAME]
 
-Prints the per-round hyperparameters and metrics, rounds to the task's
-target and the final validation and test metrics. The study is named
-``<task>/fathom/seed<k>``; open it with
-``optuna-dashboard --host 127.0.0.1 <storage>`` (printed at the end).
-With ``--checkpoint``, the run checkpoints every round; after a crash the
-same command continues it, in the study the checkpoint names. Bad options exit with status 2 before anything is written.
+Prints each round as it finishes (hyperparameters, local steps, H, G, training
+loss, validation metrics), then the rounds to the task's target and the final
+validation and test metrics. The study is named ``<task>/fathom/seed<k>``;
+open it with ``optuna-dashboard --host 127.0.0.1 <storage>`` (printed at the
+end). The run checkpoints every round (default: ``checkpoints/`` next to the
+storage file), so the same command continues a run cut off by Ctrl-C, SIGTERM
+or a crash, and prints a finished one again without training. Bad options
+exit with status 2 before anything is written; an interrupt with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import pathlib
 import sys
 
-import optuna
-import pandas as pd
-
-import fathom_tune
-from fathom_tune.checkpoint import load_checkpoint
-from fathom_tune.storage import mask_url
-from studies._cli import SQLITE, dashboard_command, storage_problem
+from studies._cli import SQLITE, dashboard_command, interruptible, storage_problem
 
 PROG = "python -m studies.fathom"
 DEFAULT_STORAGE = "sqlite:///reports/fathom_tune.db"
-COLUMNS = [
-    "round", "learning_rate", "local_epochs", "batch_size", "local_steps", "H", "G", "train_loss",
-]
+TASKS = ("digits", "shakespeare", "synthetic")
+"""The built-in offline tasks (``fathom_tune.tasks.REGISTRY``; listed here so ``--help`` needs no JAX)."""
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[1])
-    parser.add_argument("--task", default="digits", choices=sorted(fathom_tune.tasks.REGISTRY))
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="digits", choices=TASKS)
     parser.add_argument("--rounds", type=int, default=None, help="default: the task's num_rounds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--storage", default=DEFAULT_STORAGE, help=f"Optuna storage (default {DEFAULT_STORAGE})")
-    parser.add_argument("--study-name", default=None, help="default: <task>/fathom/seed<k>, suffixed if taken")
+    parser.add_argument("--study-name", default=None, help="default: <task>/fathom/seed<k>")
     parser.add_argument(
-        "--checkpoint", default=None, help="checkpoint file (.npz) to write, or to resume from if it exists"
+        "--checkpoint",
+        default=None,
+        help="checkpoint file (.npz) to write, or to continue from if it exists "
+        "(default: checkpoints/<task>-fathom-seed<k>.npz next to the storage file)",
     )
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
@@ -54,32 +53,59 @@ def parse_args(argv):
     why = storage_problem(args.storage)
     if why:
         parser.error(f"--storage {why}")
+    import fathom_tune
+    from fathom_tune.checkpoint import load_checkpoint
+
+    given = args.checkpoint is not None
+    if not given:  # its directory is made when the run starts
+        args.checkpoint = _default_checkpoint(args.storage, args.task, args.seed)
+    path = pathlib.Path(args.checkpoint)
+    if path.is_dir() or (given and not path.parent.is_dir()):
+        parser.error(f"--checkpoint {args.checkpoint!r}: give a file path in an existing directory")
     args.resume_study = None
-    if args.checkpoint is not None:
-        path = pathlib.Path(args.checkpoint)
-        if path.is_dir() or not path.parent.is_dir():
-            parser.error(f"--checkpoint {args.checkpoint!r}: give a file path in an existing directory")
-        if path.exists():
-            try:
-                meta, _ = load_checkpoint(path, kind="fathom", templates={})
-            except fathom_tune.CheckpointError as exc:
-                parser.error(f"--checkpoint: {exc}")
-            args.resume_study = (meta.get("fingerprint") or {}).get("study")
+    if path.exists():
+        try:
+            meta, _ = load_checkpoint(path, kind="fathom", templates={})
+        except fathom_tune.CheckpointError as exc:
+            parser.error(f"--checkpoint: {exc}")
+        args.resume_study = (meta.get("fingerprint") or {}).get("study")
     return args
 
 
-def free_study_name(storage, base: str) -> str:
-    """``base``, or ``base#2``, ``base#3``... if a study of that name already holds rounds."""
-    taken = {s.study_name for s in optuna.get_all_study_summaries(storage) if s.n_trials}
-    name, k = base, 1
-    while name in taken:
-        k += 1
-        name = f"{base}#{k}"
-    return name
+def _default_checkpoint(storage: str, task: str, seed: int) -> str:
+    """``checkpoints/<task>-fathom-seed<k>.npz`` beside an SQLite or journal file."""
+    if storage.startswith(SQLITE):
+        parent = pathlib.Path(storage[len(SQLITE) :]).parent
+    elif "://" in storage:
+        parent = pathlib.Path("reports")
+    else:
+        parent = pathlib.Path(storage).parent
+    return str(parent / "checkpoints" / f"{task}-fathom-seed{seed}.npz")
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    try:
+        with interruptible():
+            return _run(args)
+    except KeyboardInterrupt:
+        print(
+            f"\n{PROG}: interrupted; every finished round is in the storage and the checkpoint "
+            f"{args.checkpoint}: run the same command again to continue",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _run(args) -> int:
+    import optuna
+
+    import fathom_tune
+    from fathom_tune.fathom.optimize import ROUND_HEADER
+    from fathom_tune.storage import mask_url
+
+    pathlib.Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
     created = []  # directories made for an SQLite file, removed again if it cannot be opened
     if args.storage.startswith(SQLITE):  # its directory was checked by parse_args
         parent = pathlib.Path(args.storage[len(SQLITE) :]).parent
@@ -94,11 +120,14 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rounds = logging.getLogger("fathom_tune.rounds")
+    rounds.setLevel(logging.INFO)
+    rounds.addHandler(logging.StreamHandler(sys.stdout))
     task = fathom_tune.tasks.get(args.task)
-    name = args.study_name or args.resume_study
+    name = args.study_name or args.resume_study or fathom_tune.study_name(task.name, "fathom", args.seed)
+    print(f"FATHOM on {task.name}, study {name!r}", flush=True)
+    print(ROUND_HEADER, flush=True)
     try:
-        if name is None:
-            name = free_study_name(storage, fathom_tune.study_name(task.name, "fathom", args.seed))
         result = fathom_tune.optimize(
             task,
             seed=args.seed,
@@ -106,14 +135,10 @@ def main(argv=None) -> int:
             storage=storage,
             study_name=name,
             checkpoint=args.checkpoint,
-            progress=True,
         )
-    except fathom_tune.CheckpointError as exc:
-        print(f"{PROG}: error: --checkpoint: {exc}", file=sys.stderr)
+    except (fathom_tune.CheckpointError, ValueError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    metric = f"val_{task.target.metric}"
-    with pd.option_context("display.max_rows", None, "display.width", 160, "display.float_format", "{:.4g}".format):
-        print(result.history[COLUMNS + [metric, "examples", "seconds"]].to_string(index=False))
     reached = result.rounds_to_target
     print(f"\ntask {task.name}: target validation {task.target.metric} "
           f"{'>=' if task.target.mode == 'max' else '<='} {task.target.value}")
@@ -122,7 +147,8 @@ def main(argv=None) -> int:
     print(f"final test:       {result.test_metrics}")
     print(f"next hyperparameters: {result.hparams}")
     print(f"cost: {result.cost}")
-    print(f"study {name!r} in {mask_url(args.storage)}; dashboard: {dashboard_command(args.storage)}")
+    print(f"study {name!r} in {mask_url(args.storage)}; checkpoint {args.checkpoint}")
+    print(f"dashboard: {dashboard_command(args.storage)}")
     return 0
 
 

@@ -28,8 +28,8 @@ _PLAIN = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
 
 
 def _on_grid(curve: pd.DataFrame, records: list[RunRecord], x: str, points: int = 400) -> pd.DataFrame:
-    """Each run's best-so-far step function on a shared grid, for mean and sd bands
-    over seeds: NaN before its first evaluation; after its last evaluation it holds its
+    """Each run's best-so-far step function on a shared grid, for the median over
+    seeds: NaN before its first evaluation; after its last evaluation it holds its
     best until the most that any seed of the same tuner spent (a finished tuner keeps
     its best model), then NaN."""
     spent: dict[str, float] = {}
@@ -49,25 +49,28 @@ def _on_grid(curve: pd.DataFrame, records: list[RunRecord], x: str, points: int 
 
 
 def best_so_far(curve, records, x: str, xlabel: str, target: Target, run_length, path) -> None:
-    """Best validation metric against cumulative ``x`` (rounds or examples), per tuner."""
+    """Best validation metric against cumulative ``x`` (rounds or examples), per tuner:
+    one thin line per seed and a thick line for the median over seeds (a band of mean
+    +/- sd over two or three seeds means little, so every seed is shown as it is)."""
     data = _on_grid(curve, records, x)
-    stats = data.groupby(["tuner", x], sort=False)["best"].agg(["mean", "std", "count"])
     tuners = list(dict.fromkeys(data["tuner"]))
     colors = sns.color_palette(n_colors=len(tuners))
     fig, ax = plt.subplots(figsize=(9, 5))
     for i, tuner in enumerate(tuners):  # later tuners dashed, so coinciding curves stay visible
-        st = stats.loc[tuner].reset_index()
-        sd = st["std"].where(st["count"] > 1, 0.0)
-        ax.step(
-            st[x], st["mean"], where="post", color=colors[i], lw=2.2 - 0.3 * i, ls=_DASHES[i % len(_DASHES)], label=tuner
-        )
-        ax.fill_between(st[x], st["mean"] - sd, st["mean"] + sd, step="post", color=colors[i], alpha=0.12, lw=0)
+        mine = data[data["tuner"] == tuner]
+        style = {"color": colors[i], "ls": _DASHES[i % len(_DASHES)], "where": "post"}
+        for _, seed in mine.groupby("seed", sort=False):
+            ax.step(seed[x], seed["best"], lw=0.9, alpha=0.45, **style)
+        median = mine.groupby(x, sort=True)["best"].median()
+        seeds = mine["seed"].nunique()
+        label = f"{tuner} (median of {seeds} seeds)" if seeds > 1 else tuner
+        ax.step(median.index, median.to_numpy(), lw=2.4 - 0.3 * min(i, 4), label=label, **style)
     ax.axhline(target.value, color="black", ls="--", lw=1, label=f"target {target.metric} {target.value:g}")
     if run_length:
         ax.axvline(run_length, color="grey", ls=":", lw=1, label="one training run")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"best validation {target.metric} so far")
-    ax.set_title(f"Best validation {target.metric} vs {xlabel} (mean ± sd over seeds)")
+    ax.set_title(f"Best validation {target.metric} vs {xlabel}\n(thin: each seed; thick: median over seeds)")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()

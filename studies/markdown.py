@@ -5,39 +5,28 @@ from __future__ import annotations
 import html
 import math
 import pathlib
+import re
 
 import numpy as np
 import pandas as pd
 
 __all__ = ["Doc", "markdown_escape", "markdown_table"]
 
-_MARKDOWN_ESCAPES = str.maketrans(
-    {
-        "\\": "\\\\",
-        "|": "\\|",
-        "`": "\\`",
-        "[": "\\[",
-        "]": "\\]",
-        "&": "&amp;",
-        "<": "&lt;",
-        ">": "&gt;",
-        "\n": " ",
-        "\r": " ",
-    }
-)
+_ESCAPE = re.compile(r"[\\|`\[\]]|<(?=[A-Za-z/!?])|&(?=#?\w+;)")
 
 
 def markdown_escape(text) -> str:
-    """``text`` as literal markdown: no table cell break, code span, link or raw HTML.
+    """``text`` as literal markdown: no table cell break, code span, link, raw HTML or entity.
 
-    Escapes backslashes, pipes, backticks and brackets, writes ``&``, ``<`` and
-    ``>`` as HTML entities and newlines as spaces, so a task, study or tuner
-    name shows as written and cannot inject markup into a rendered report.
+    Backslash-escapes only what markdown would read as markup: backslashes,
+    pipes, backticks, brackets, a ``<`` that could open an HTML tag and an
+    ``&`` that could start an entity; newlines become spaces. Everything else
+    stays as written, so ``>=`` and ``<tuner>`` read naturally in plain text.
 
-    >>> print(markdown_escape("<script>alert(1)</script>|x"))
-    &lt;script&gt;alert(1)&lt;/script&gt;\\|x
+    >>> print(markdown_escape("<script>alert(1)</script>|x >= 1 & y"))
+    \\<script>alert(1)\\</script>\\|x >= 1 & y
     """
-    return str(text).translate(_MARKDOWN_ESCAPES)
+    return _ESCAPE.sub(lambda m: "\\" + m.group(0), str(text)).replace("\r", " ").replace("\n", " ")
 
 
 def _cell(v, floatfmt: str) -> str:

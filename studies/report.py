@@ -81,7 +81,13 @@ def curves(records: list[RunRecord]) -> pd.DataFrame:
 
 def _totals(r: RunRecord) -> dict[str, float]:
     c = r.ledger
-    return {"rounds": c.rounds, "examples": c.examples, "bytes": c.bytes_up + c.bytes_down, "seconds": c.seconds}
+    return {
+        "rounds": c.rounds,
+        "examples": c.examples,
+        "bytes": c.bytes_up + c.bytes_down,
+        "seconds": r.wall_seconds,
+        "compile_seconds": r.compile_seconds,
+    }
 
 
 def per_seed(records: list[RunRecord], curve: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -118,6 +124,7 @@ _MEASURES = [
     ("total_examples", "total examples"),
     ("total_bytes", "total MB"),
     ("total_seconds", "wall time (s)"),
+    ("total_compile_seconds", "of which compiling (s)"),
 ]
 
 
@@ -285,9 +292,10 @@ def build_report(storage, task_name: str, out_dir, *, tuners=None, seeds=None) -
         "'never reached' counts the others). Test metric: the model each tuner returns "
         "(one-run tuners: the final model; search tuners: the best completed trial on "
         "validation). "
-        "Totals: everything the tuner spent; wall time includes JAX compilation, which "
-        "falls on whichever tuner first needs a program shape (all tuners share one "
-        "process and its compiled programs)."
+        "Totals: everything the tuner spent; wall time is the whole time each run took "
+        "(every process that worked on it, interrupted ones included), with the part spent "
+        "compiling JAX programs shown apart: compilation falls on whichever tuner first "
+        "needs a program shape (all tuners share one process and its compiled programs)."
     )
     doc.table(shown)
     doc.heading("Figures")

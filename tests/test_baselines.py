@@ -94,7 +94,7 @@ def test_every_baseline_runs_within_budget_and_records_its_ledger(task, name, tm
     )
     trials = study.trials
     # The right Optuna sampler and pruner, maximizing validation accuracy.
-    assert isinstance(out.study.sampler, SAMPLERS[type(baseline.sampler)])
+    assert isinstance(out.study.sampler.inner, SAMPLERS[type(baseline.sampler)])
     assert isinstance(out.study.pruner, PRUNERS[type(baseline.pruner) if baseline.pruner else None])
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
     attrs = study.user_attrs
@@ -175,7 +175,8 @@ def test_pruned_trial_is_pruned_in_the_study_with_its_partial_ledger(task):
 
 def test_pruned_variants_prune_and_count_partial_rounds(task):
     wide = Bounds(HParams(1e-4, 0.2, 9.0), HParams(1.0, 2.0, 12.0))
-    out = baselines.run(task, "random+median", budget_rounds=40, seed=0, space=wide, progress=False)
+    # seed 1 draws several runs far worse than the median, which the pruner stops
+    out = baselines.run(task, "random+median", budget_rounds=40, seed=1, space=wide, progress=False)
     states = out.history["state"]
     pruned = out.history[states == "PRUNED"]
     assert len(pruned) >= 1
@@ -198,9 +199,10 @@ def test_projected_cost_is_the_exact_cost_of_a_full_run(task):
 
 
 def test_examples_budget_is_never_exceeded_and_a_refused_trial_costs_nothing(task):
-    # A full trial in SPACE costs 159..1602 examples here: 3000 admits a few, then refuses one.
+    # A full trial in SPACE costs 159..1602 examples here: 3000 admits a few, then (with
+    # seed 1's draws) refuses one whose full cost no longer fits.
     out = baselines.run(
-        task, "random", budget_rounds=100, budget_examples=3000, seed=0, space=SPACE, progress=False
+        task, "random", budget_rounds=100, budget_examples=3000, seed=1, space=SPACE, progress=False
     )
     trials = out.study.trials
     assert out.cost.examples <= 3000
@@ -209,7 +211,7 @@ def test_examples_budget_is_never_exceeded_and_a_refused_trial_costs_nothing(tas
     assert len(refused) == 1 and refused[0].state == TrialState.FAIL
     assert cost(refused[0]).rounds == 0 and refused[0] is trials[-1]
     # It was refused because its own full cost did not fit into what was left.
-    need = baselines.projected_cost(task, HParams(**refused[0].params), seed=0).examples
+    need = baselines.projected_cost(task, HParams(**refused[0].params), seed=1).examples
     assert out.cost.examples + need > 3000
     assert all(t.state == TrialState.COMPLETE for t in ran)
 

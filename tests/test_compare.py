@@ -5,16 +5,23 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import optuna
 import pandas as pd
 import pytest
+import sqlalchemy.exc
+from optuna.trial import TrialState
 
 from _toy import crash_in_round
 
 from studies import compare
 from studies.report import markdown_table
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 TUNERS = ["fathom", "random", "tpe+hyperband"]
 TINY = ["--rounds", "10", "--budget-rounds", "30", "--seeds", "0", "--no-progress"]
 
@@ -182,7 +189,6 @@ def test_partial_fathom_study_is_run_again(tmp_path):
 
 
 def test_interrupted_fathom_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
-    from optuna.trial import TrialState
 
     from fathom_tune.engine import Engine
 
@@ -210,7 +216,7 @@ def _handmade(storage) -> None:
     """A one-run study (one trial per round) and a search study (two runs of 4 rounds),
     written through the run record as any tuner would."""
     from optuna.distributions import FloatDistribution
-    from optuna.trial import TrialState, create_trial
+    from optuna.trial import create_trial
 
     from fathom_tune import Cost, HParams, Target, record
 
@@ -302,3 +308,81 @@ def test_a_user_registered_tuner_shows_up_in_the_report(tmp_path):
     assert "gamma_learning_rate=0.05" in report and "SuccessiveHalving(reduction_factor=2" in report
     with pytest.raises(ValueError, match="already registered"):
         fathom_tune.tuners.register(Fathom(name="tpe+sha2"))
+
+
+def _poll(condition, proc, timeout=240.0):
+    """Waits until ``condition()`` holds while ``proc`` runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the comparison ended before the interrupt point: {proc.communicate()}")
+        try:
+            if condition():
+                return
+        except (KeyError, ValueError, sqlalchemy.exc.OperationalError):  # not created yet / busy
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("interrupt point not reached in time")
+
+
+def _trials(url: str, name: str):
+    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+
+
+def test_interrupted_comparison_gives_the_uninterrupted_numbers(tmp_path):
+    # Interrupted three times (SIGINT inside a FATHOM round, SIGTERM inside a baseline
+    # trial, SIGINT inside a pruned search's trial) and re-run each time: the same
+    # trials, hyperparameters, costs and report cells as one uninterrupted run.
+    tuners = ["fathom", "random", "tpe+hyperband"]
+    base = ["--rounds", "6", "--budget-rounds", "18", "--seeds", "0", "--no-progress", "--tuners", *tuners]
+    assert compare.main([*base, "--out", str(tmp_path / "once")]) == 0
+    out = tmp_path / "interrupted"
+    url = f"sqlite:///{out / 'compare.db'}"
+    argv = [sys.executable, "-m", "studies.compare", *base, "--out", str(out)]
+
+    def running(name, at_least):
+        return lambda: sum(
+            t.state == TrialState.RUNNING and len(t.intermediate_values) >= at_least for t in _trials(url, name)
+        )
+
+    points = [
+        (signal.SIGINT, lambda: len(_trials(url, "digits/fathom/seed0")) >= 3),
+        (signal.SIGTERM, running("digits/random/seed0", 0)),
+        (signal.SIGINT, running("digits/tpe+hyperband/seed0", 1)),
+    ]
+    for signum, reached in points:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _poll(reached, proc)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        assert err.strip().splitlines()[-1].endswith("run the same command again to continue"), err
+        assert "Traceback" not in err
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+
+    def table(root, name, drop=("total_seconds", "total_compile_seconds")):
+        df = pd.read_csv(root / "digits" / name)
+        return df.drop(columns=[c for c in df.columns if c.startswith(drop)])
+
+    for name in ("per_seed.csv", "summary.csv", "curves.csv"):
+        pd.testing.assert_frame_equal(table(out, name), table(tmp_path / "once", name))
+    once = f"sqlite:///{tmp_path / 'once' / 'compare.db'}"
+    for tuner in tuners[1:]:  # the search studies: trial for trial, in place, no retries
+        got = [(t.number, t.state, t.params, t.value) for t in _trials(url, f"digits/{tuner}/seed0")]
+        want = [(t.number, t.state, t.params, t.value) for t in _trials(once, f"digits/{tuner}/seed0")]
+        assert got == want, tuner
+    assert sorted(p.name for p in (out / "checkpoints").rglob("*")) == sorted(
+        p.name for p in (tmp_path / "once" / "checkpoints").rglob("*")
+    )
+
+
+def test_a_second_comparison_on_the_same_out_is_refused(tmp_path, capsys):
+    from fathom_tune.checkpoint import exclusive
+
+    with exclusive(tmp_path / "compare", what="--out"):
+        assert compare.main([*TINY, "--tuners", "fathom", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out='{tmp_path / 'compare'}' is in use by another running process" in err
+    assert not (tmp_path / "compare.db").exists()

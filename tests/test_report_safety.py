@@ -36,24 +36,24 @@ def _hostile_storage(tmp_path: pathlib.Path) -> str:
 
 
 def _studies(storage, metric: str) -> None:
-    """A FATHOM study (4 rounds) and a baseline study (one 4-round run) of task ``TASK``."""
-    attrs = {"target_metric": metric, "target_value": 0.9, "target_mode": "max"}
+    """A one-run study (4 rounds) and a search study (one 4-round run) of task ``TASK``,
+    written through the run record with hostile names everywhere."""
+    from fathom_tune import Cost, HParams, Target, record
+
+    target = Target(metric, 0.9)
     dist = {"learning_rate": FloatDistribution(1e-4, 10.0, log=True)}
-    col = f"val_{metric}"
-    fathom_study = optuna.create_study(study_name=f"{TASK}/fathom/seed0", storage=storage)
-    for k, v in {**attrs, "tuner": "fathom", "budget_rounds": 4, f"test_{metric}": 0.8}.items():
-        fathom_study.set_user_attr(k, v)
+    header = {"task": TASK, "seed": 0, "target": target, "rounds_per_run": 4}
+    outcome = {"hparams": HParams(0.1, 1.0, 10.0), "validation": {metric: 0.95}, "test": {metric: 0.8}}
+    one = optuna.create_study(study_name=f"{TASK}/fathom/seed0", storage=storage)
+    record.write_header(one, tuner="fathom", unit="round", budget_rounds=4, **header)
     for r, val in enumerate([None, 0.5, None, 0.95]):
-        user = {"round": r, "examples": 10, "local_steps": 1, **({col: val} if val else {})}
-        fathom_study.add_trial(
-            create_trial(params={"learning_rate": 0.1}, distributions=dist, value=1.0, user_attrs=user)
-        )
-    base = optuna.create_study(
-        study_name=f"{TASK}/{TUNER}/seed0", storage=storage, direction="maximize"
-    )
-    for k, v in {**attrs, "tuner": TUNER, "budget_rounds": 8, "trial_rounds": 4}.items():
-        base.set_user_attr(k, v)
-    ledger = {"rounds": 4, "examples": 40, "steps": 4, "bytes_down": 1, "bytes_up": 1, "seconds": 1.0}
+        evals = [record.evaluation(1, 10, {metric: val})] if val else []
+        user = {"round": r, "local_steps": 1, "cost": Cost(rounds=1, examples=10).as_dict(), "evals": evals}
+        one.add_trial(create_trial(params={"learning_rate": 0.1}, distributions=dist, value=1.0, user_attrs=user))
+    record.write_outcome(one, ledger=Cost(rounds=4, examples=40), **outcome)
+    base = optuna.create_study(study_name=f"{TASK}/{TUNER}/seed0", storage=storage, direction="maximize")
+    record.write_header(base, tuner=TUNER, unit="run", budget_rounds=8, config={SCRIPT: TUNER}, **header)
+    ledger = Cost(rounds=4, examples=40, steps=4, bytes_down=1, bytes_up=1, seconds=1.0)
     base.add_trial(
         create_trial(
             state=TrialState.COMPLETE,
@@ -62,23 +62,24 @@ def _studies(storage, metric: str) -> None:
             value=0.92,
             intermediate_values={2: 0.6, 4: 0.92},
             user_attrs={
-                **ledger,
-                "evals": [
-                    {"rounds": 2, "examples": 20, col: 0.6},
-                    {"rounds": 4, "examples": 40, col: 0.92},
-                ],
+                "cost": ledger.as_dict(),
+                "evals": [record.evaluation(2, 20, {metric: 0.6}), record.evaluation(4, 40, {metric: 0.92})],
             },
         )
     )
+    record.write_outcome(base, ledger=ledger, **outcome)
 
 
 def _unescaped_pipes(line: str) -> int:
     return len(re.findall(r"(?<!\\)\|", line))
 
 
-def test_markdown_escape_leaves_no_markup():
-    text = markdown_escape(SCRIPT + "\n`code` [a](javascript:x) \\| & <b>")
-    assert "<" not in text and ">" not in text and "\n" not in text
+def test_markdown_escape_leaves_no_markup_and_plain_text_readable():
+    text = markdown_escape(SCRIPT + "\n`code` [a](javascript:x) \\| &amp; <b>")
+    assert re.search(r"(?<!\\)<[A-Za-z/]", text) is None and "\n" not in text  # no tag can start
+    assert "&amp;" not in text.replace("\\&amp;", "")  # no entity is decoded
+    # only what markdown needs is escaped: comparisons and angle words stay readable
+    assert markdown_escape("accuracy >= 0.9 for <tuner> & co") == "accuracy >= 0.9 for \\<tuner> & co"
     assert _unescaped_pipes(text) == 0
     assert "`" not in text.replace("\\`", "") and "[" not in text.replace("\\[", "")
     table = markdown_table(pd.DataFrame({SCRIPT: [TUNER], "b": ["a\\|b"]}))
@@ -95,7 +96,8 @@ def test_report_escapes_hostile_names_and_masks_the_storage(tmp_path):
 
     for raw in ("<script", "</script>", "<img src=x", "<b onclick", "alert(1)>"):
         assert raw not in page, raw
-        assert raw not in md, raw
+    for tag in ("<script", "</script>", "<img src=x", "<b onclick"):  # markdown: no tag opens
+        assert re.search(r"(?<!\\)" + re.escape(tag), md) is None, tag
     for text in (SCRIPT, TASK, TUNER):  # shown, as text
         assert text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") in page
         assert markdown_escape(text) in md

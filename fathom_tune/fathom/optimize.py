@@ -39,6 +39,10 @@ TUNER = "fathom"
 CHECKPOINT_KIND = "fathom"
 
 _log = logging.getLogger(__name__)
+_rounds_log = logging.getLogger("fathom_tune.rounds")
+"""One INFO line per round (a command line turns it on to show the run as it happens)."""
+
+ROUND_HEADER = f"{'round':>5} {'eta':>9} {'E':>8} {'B':>8} {'steps':>6} {'H':>7} {'G':>7} {'loss':>9}  validation"
 
 
 @jax.jit
@@ -102,6 +106,13 @@ class _FathomSchedule:
         else:
             report_round(self.trial, G=G, H=h)
             self.study.tell(self.trial, result.train_loss)
+        if _rounds_log.isEnabledFor(logging.INFO):
+            hp = result.hparams
+            shown = " ".join(f"{k}={v:.4g}" for k, v in (metrics or {}).items())
+            _rounds_log.info(
+                f"{result.round:5d} {hp.learning_rate:9.4g} {hp.local_epochs:8.4g} {hp.batch_size:8.4g} "
+                f"{int(result.local_steps.sum()):6d} {h:7.3f} {G:7.3f} {result.train_loss:9.4g}  {shown}"
+            )
         return Outcome(record={"H": h, "G": G, "diverged": False})
 
 
