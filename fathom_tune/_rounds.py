@@ -54,7 +54,30 @@ def sample_clients(seed: int, round_index: int, num_clients: int, k: int) -> np.
 
 
 def client_rng(seed: int, round_index: int, client_index: int) -> np.random.Generator:
+    """The generator that orders client ``client_index``'s data in round ``round_index``
+    (``client_index``: the client's position in ``task.train.client_ids()``).
+
+    >>> client_rng(0, 3, 1).permutation(4).tolist() == client_rng(0, 3, 1).permutation(4).tolist()
+    True
+    """
     return np.random.default_rng(np.random.SeedSequence([seed, round_index, client_index, 0xB5]))
+
+
+def batch_indices(num_examples: int, steps: int, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """Example indices ``[steps, batch]`` of one client's round: shuffle, repeat.
+
+    Consecutive passes over the client's examples, a fresh permutation from
+    ``rng`` per pass, cut into ``steps`` batches of exactly ``batch``
+    examples; no example repeats before every example has been used.
+
+    >>> plan = batch_indices(10, 3, 4, np.random.default_rng(0))
+    >>> plan.shape, sorted(plan.ravel()[:10].tolist()) == list(range(10))
+    ((3, 4), True)
+    """
+    need = steps * batch
+    passes = -(-need // num_examples)
+    flat = np.concatenate([rng.permutation(num_examples) for _ in range(passes)])[:need]
+    return flat.reshape(steps, batch)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,6 +53,7 @@ from fathom_tune._rounds import (
     Cost,
     RoundResult,
     ServerState,
+    batch_indices,
     bucket_size,
     client_rng,
     default_buckets,
@@ -69,7 +70,9 @@ __all__ = [
     "EngineSettings",
     "RoundResult",
     "ServerState",
+    "batch_indices",
     "bucket_size",
+    "client_rng",
     "default_buckets",
     "describe_optimizer",
     "sample_clients",
@@ -363,13 +366,9 @@ class Engine:
         consecutive passes over a fresh permutation per epoch; padding slots and
         the rows of inactive steps point at example 0 and are masked.
         """
-        n = int(self._client_sizes[client])
-        need = k * b_int
         rng = client_rng(self.seed, rnd, client)
-        epochs = -(-need // n)
-        flat = np.concatenate([rng.permutation(n) for _ in range(epochs)])[:need]
         plan = np.zeros((total_steps, bucket), np.int64)
-        plan[:k, :b_int] = flat.reshape(k, b_int)
+        plan[:k, :b_int] = batch_indices(int(self._client_sizes[client]), k, b_int, rng)
         return plan
 
     def _gather(self, members, sampled, plans, sl, p_block):

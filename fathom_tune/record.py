@@ -40,7 +40,7 @@ import re
 
 import optuna
 import pandas as pd
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from fathom_tune.engine import Cost
 from fathom_tune.hparams import NAMES, HParams
@@ -75,7 +75,9 @@ __all__ = [
     "WORKER",
     "RunRecord",
     "evaluation",
+    "finished_rounds",
     "load_runs",
+    "mark_stale",
     "read_run",
     "step_cost",
     "add_wall_time",
@@ -244,6 +246,38 @@ def write_step(trial, *, cost: Cost, evals: list[dict], **attrs) -> None:
     """Records a trial's cost, its evaluations (:func:`evaluation`) and further user attrs."""
     for key, value in {COST: cost.as_dict(), EVALS: list(evals), **attrs}.items():
         trial.set_user_attr(key, value)
+
+
+def mark_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Fails a round that a killed process left RUNNING and marks it :data:`STALE`
+    (the resumed run does that round again; the stale trial counts nothing)."""
+    study._storage.set_trial_user_attr(trial._trial_id, STALE, True)
+    study.tell(trial.number, state=TrialState.FAIL)
+
+
+def finished_rounds(study: optuna.Study, done: int, checkpoint) -> dict[int, FrozenTrial]:
+    """The rounds (``unit = "round"``) the study finished, by :data:`ROUND`, checked
+    against a checkpoint at round ``done``: each of rounds ``0 .. done-1`` must be there.
+
+    Raises:
+        fathom_tune.CheckpointError: a round before the checkpoint is missing
+            (the checkpoint belongs with another storage).
+    """
+    from fathom_tune.checkpoint import CheckpointError
+
+    finished = {
+        int(t.user_attrs[ROUND]): t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        if ROUND in t.user_attrs and not t.user_attrs.get(STALE)
+    }
+    missing = [r for r in range(done) if r not in finished]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(checkpoint)!r} is at round {done} but study {study.study_name!r} has no "
+            f"finished trial for rounds {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+            "resume with the storage the run was started with"
+        )
+    return finished
 
 
 def step_cost(trial: FrozenTrial) -> Cost:

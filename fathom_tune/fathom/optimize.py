@@ -344,31 +344,13 @@ class _Run:
         )
 
 
-def _trial_round(trial) -> int:
-    return int(trial.user_attrs.get(record.ROUND, trial.number))
-
-
 def _reconcile(study: optuna.Study, resume: Progress, path) -> dict:
     """Fails the rounds a killed run left RUNNING; returns the finished rounds past the checkpoint.
 
     The caller holds the checkpoint's lock, so no other process is running
     this study's rounds: a RUNNING trial is stale.
     """
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        record.mark_stale(study, trial)
     done = len(resume.rows)
-    finished = {}
-    for trial in study.get_trials(deepcopy=False):
-        if trial.state == TrialState.RUNNING:
-            study._storage.set_trial_user_attr(trial._trial_id, record.STALE, True)
-            study.tell(trial.number, state=TrialState.FAIL)
-        elif trial.state == TrialState.COMPLETE or (
-            trial.state == TrialState.FAIL and trial.user_attrs.get(record.FATHOM_DIVERGED) is True
-        ):
-            finished[_trial_round(trial)] = trial
-    missing = [r for r in range(done) if r not in finished]
-    if missing:
-        raise ckpt.CheckpointError(
-            f"checkpoint {str(path)!r} is at round {done} but study {study.study_name!r} has no "
-            f"finished trial for rounds {missing[:5]}{'...' if len(missing) > 5 else ''}; "
-            "resume with the storage the run was started with"
-        )
-    return {r: t for r, t in finished.items() if r >= done}
+    return {r: t for r, t in record.finished_rounds(study, done, path).items() if r >= done}
