@@ -386,3 +386,46 @@ def test_a_second_comparison_on_the_same_out_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--out='{tmp_path / 'compare'}' is in use by another running process" in err
     assert not (tmp_path / "compare.db").exists()
+
+
+def test_an_interrupt_between_studies_changes_nothing(comparison, tmp_path, monkeypatch, capsys):
+    # The module's comparison, run again into another folder and stopped by Ctrl-C
+    # right after its second study: one line, status 130, and the re-run ends with
+    # the same tables as the comparison that was never interrupted.
+    once, argv = comparison
+    argv = [*argv, "--out", str(tmp_path)]  # the later --out wins
+    real, calls = compare._run_tuner, []
+
+    def stop_after_the_second(*args, **kwargs):
+        line = real(*args, **kwargs)
+        calls.append(line)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return line
+
+    monkeypatch.setattr(compare, "_run_tuner", stop_after_the_second)
+    assert compare.main(argv) == 130
+    assert capsys.readouterr().err.strip().endswith("run the same command again to continue")
+    monkeypatch.setattr(compare, "_run_tuner", real)
+    assert compare.main(argv) == 0
+    drop = ["total_seconds", "total_compile_seconds"]
+    for name in ("per_seed.csv", "curves.csv"):
+        got = pd.read_csv(tmp_path / "digits" / name).drop(columns=drop, errors="ignore")
+        want = pd.read_csv(once / "digits" / name).drop(columns=drop, errors="ignore")
+        pd.testing.assert_frame_equal(got, want)
+
+
+@pytest.mark.parametrize("module", ["studies.compare", "studies.fathom"])
+def test_help_answers_without_importing_jax(module):
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{module!r}, '--help']\n"
+        "try:\n"
+        f"    runpy.run_module({module!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('JAX' if 'jax' in sys.modules else 'no JAX')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: python -m " in proc.stdout and proc.stdout.strip().endswith("no JAX")
