@@ -146,3 +146,35 @@ def test_task_rejects_bad_defaults():
         toy_task(sizes=(10, 0, 5), clients_per_round=1)
     with pytest.raises(ValueError, match="init_hparams"):
         toy_task(init_hparams=HParams(100.0, 1.0, 10.0))
+
+
+@pytest.mark.parametrize(
+    "local_epochs, batch_size, sizes",
+    [
+        (0.1, 10.0, (10, 20, 30, 40, 50)),
+        (1.0, 10.0, (10, 20, 30, 40, 50)),
+        (3.0, 10.0, (10, 20, 30, 40, 50)),  # E n / B integer for every client: 3 -> 3.0000000000000004 gained a step
+        (7.0, 5.0, (15, 25, 35, 45, 55)),
+        (10.0, 10.0, (10, 20, 30, 40, 50)),  # on the upper bound
+        (0.01, 1.0, (100, 100, 100, 100, 100)),  # on the lower bound, n / B = 100: one step, not two
+    ],
+)
+def test_frozen_hyperparameters_stay_bit_identical_and_equal_static_fedavg(local_epochs, batch_size, sizes):
+    task = toy_task(sizes=sizes, clients_per_round=3)
+    start = HParams(learning_rate=0.1, local_epochs=local_epochs, batch_size=batch_size)
+    frozen = FathomConfig(init=start, gamma_local_epochs=0.0, gamma_learning_rate=0.0, gamma_batch_size=0.0)
+    res = fathom_tune.optimize(task, config=frozen, seed=1, num_rounds=3)
+    ref = fathom_tune.fedavg(task, start, seed=1, num_rounds=3)
+    assert res.hparams == start  # exactly, not up to rounding
+    assert list(res.history["local_epochs"]) == [local_epochs] * 3
+    assert list(res.history["local_steps"]) == list(ref.history["local_steps"])
+    n = np.array(sizes, dtype=float)
+    expected_steps = np.maximum(np.ceil(local_epochs * n / round(batch_size)), 1)  # per client, by hand
+    assert set(res.history["local_steps"]) <= {int(expected_steps[list(c)].sum()) for c in _triples(len(sizes))}
+    assert np.array_equal(flat(res.params), flat(ref.params))
+
+
+def _triples(n):
+    import itertools
+
+    return itertools.combinations(range(n), 3)

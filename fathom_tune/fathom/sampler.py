@@ -30,7 +30,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from fathom_tune.fathom.state import FathomConfig, egn_step, hparams_from_log, log_hparams
+from fathom_tune.fathom.state import FathomConfig, next_hparams
 from fathom_tune.hparams import NAMES, Bounds, HParams
 from fathom_tune.record import FATHOM_DIVERGED as DIVERGED_ATTR
 from fathom_tune.record import FATHOM_G as G_ATTR
@@ -248,10 +248,7 @@ class FathomSampler(BaseSampler):
                 )
             H = _hypergradient_value(trial.user_attrs[H_ATTR])
             G = _hypergradient_value(trial.user_attrs[G_ATTR])
-            lower = [getattr(bounds.lower, n) for n in NAMES]
-            upper = [getattr(bounds.upper, n) for n in NAMES]
-            p = egn_step(log_hparams(used), H, G, config.gamma, lower, upper)
-            return bounds.clip(hparams_from_log(p))
+            return next_hparams(used, H, G, config)
         return config.init
 
     def infer_relative_search_space(

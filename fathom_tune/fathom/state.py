@@ -20,7 +20,7 @@ import numpy as np
 from fathom_tune import checks
 from fathom_tune.hparams import NAMES, Bounds, HParams
 
-__all__ = ["FathomConfig", "egn_step", "hparams_from_log", "log_hparams"]
+__all__ = ["FathomConfig", "egn_step", "hparams_from_log", "log_hparams", "next_hparams"]
 
 
 def log_hparams(hparams: HParams) -> np.ndarray:
@@ -94,6 +94,42 @@ def egn_step(p, H: float, G: float, gamma, lower, upper) -> np.ndarray:
     H, G = _finite("H", H), _finite("G", G)
     step = gamma * np.array([H, H + G, -G])
     return np.clip(p + step, np.log(lower), np.log(upper))
+
+
+def next_hparams(used: HParams, H: float, G: float, config: FathomConfig) -> HParams:
+    """The next round's hyperparameters: :func:`egn_step` from those ``used``, exactly.
+
+    ``exp(log(x))`` is not always ``x`` (``3 -> 3.0000000000000004``), and
+    ``ceil(E n / B)`` then gains a step wherever ``E n / B`` is an integer. So
+    a hyperparameter whose hyper learning rate is 0 keeps its value bit for
+    bit, and one that the step puts on a bound takes the bound's value exactly.
+
+    Args:
+        used: the hyperparameters of the round just finished.
+        H, G: its hypergradients.
+        config: a resolved :class:`FathomConfig` (``bounds`` set).
+
+    Example:
+        >>> b = Bounds(HParams(1e-3, 0.01, 1.0), HParams(1.0, 10.0, 256.0))
+        >>> cfg = FathomConfig(bounds=b, gamma_local_epochs=0.0)
+        >>> next_hparams(HParams(0.1, 3.0, 20.0), 0.5, 0.2, cfg).local_epochs
+        3.0
+    """
+    bounds = config.bounds
+    lower = np.array([getattr(bounds.lower, n) for n in NAMES])
+    upper = np.array([getattr(bounds.upper, n) for n in NAMES])
+    p = egn_step(log_hparams(used), H, G, config.gamma, lower, upper)
+    values = {}
+    for i, name in enumerate(NAMES):
+        if config.gamma[i] == 0.0:
+            values[name] = min(max(getattr(used, name), lower[i]), upper[i])
+        elif p[i] <= np.log(lower[i]):
+            values[name] = float(lower[i])
+        elif p[i] >= np.log(upper[i]):
+            values[name] = float(upper[i])
+        else:
+            values[name] = min(max(float(np.exp(p[i])), lower[i]), upper[i])
+    return HParams(**{n: float(v) for n, v in values.items()})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
