@@ -13,7 +13,6 @@ import time
 import optuna
 import pandas as pd
 import pytest
-import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from _toy import crash_in_round
@@ -310,20 +309,49 @@ def test_a_user_registered_tuner_shows_up_in_the_report(tmp_path):
         fathom_tune.tuners.register(Fathom(name="tpe+sha2"))
 
 
-def _poll(condition, proc, timeout=240.0):
-    """Waits until ``condition()`` holds while ``proc`` runs."""
+_STALLING = """
+import pathlib, sys, time
+import fathom_tune.checkpoint
+from fathom_tune.engine import Engine
+from studies import compare
+
+marks = pathlib.Path(sys.argv[1])
+
+def stall(point):  # once per point over every process: mark it, then wait for the signal
+    mark = marks / point
+    if not mark.exists():
+        mark.touch()
+        time.sleep(300)
+
+real_round, real_save = Engine.run_round, fathom_tune.checkpoint.save_run
+
+def run_round(self, state, hparams):
+    if state.round == 3 and self.client_statistic is not None:
+        stall("fathom-round")
+    return real_round(self, state, hparams)
+
+def save_run(path, **kwargs):
+    real_save(path, **kwargs)
+    study = kwargs["fingerprint"]["study"]
+    if kwargs["kind"] == "baseline-trial":
+        stall(study.split("/")[1])
+
+Engine.run_round, fathom_tune.checkpoint.save_run = run_round, save_run
+sys.exit(compare.main(sys.argv[2:]))
+"""
+"""A child comparison that stops, once each, inside FATHOM's round 3 and inside the
+first checkpointed trial of each search, so a test can interrupt it exactly there."""
+
+
+def _wait_for(mark: pathlib.Path, proc, timeout=300.0) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while not mark.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"the comparison ended before the interrupt point: {proc.communicate()}")
-        try:
-            if condition():
-                return
-        except (KeyError, ValueError, sqlalchemy.exc.OperationalError):  # not created yet / busy
-            pass
+            raise AssertionError(f"the comparison ended before {mark.name}: {proc.communicate()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{mark.name} not reached in time")
         time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("interrupt point not reached in time")
 
 
 def _trials(url: str, name: str):
@@ -331,34 +359,27 @@ def _trials(url: str, name: str):
 
 
 def test_interrupted_comparison_gives_the_uninterrupted_numbers(tmp_path):
-    # Interrupted three times (SIGINT inside a FATHOM round, SIGTERM inside a baseline
-    # trial, SIGINT inside a pruned search's trial) and re-run each time: the same
+    # Interrupted three times (SIGINT inside a FATHOM round, SIGTERM inside a random
+    # search trial, SIGINT inside a Hyperband trial) and re-run each time: the same
     # trials, hyperparameters, costs and report cells as one uninterrupted run.
     tuners = ["fathom", "random", "tpe+hyperband"]
     base = ["--rounds", "6", "--budget-rounds", "18", "--seeds", "0", "--no-progress", "--tuners", *tuners]
     assert compare.main([*base, "--out", str(tmp_path / "once")]) == 0
-    out = tmp_path / "interrupted"
+    out, marks = tmp_path / "interrupted", tmp_path / "marks"
+    marks.mkdir()
     url = f"sqlite:///{out / 'compare.db'}"
-    argv = [sys.executable, "-m", "studies.compare", *base, "--out", str(out)]
-
-    def running(name, at_least):
-        return lambda: sum(
-            t.state == TrialState.RUNNING and len(t.intermediate_values) >= at_least for t in _trials(url, name)
-        )
-
-    points = [
-        (signal.SIGINT, lambda: len(_trials(url, "digits/fathom/seed0")) >= 3),
-        (signal.SIGTERM, running("digits/random/seed0", 0)),
-        (signal.SIGINT, running("digits/tpe+hyperband/seed0", 1)),
-    ]
-    for signum, reached in points:
+    argv = [sys.executable, "-c", _STALLING, str(marks), *base, "--out", str(out)]
+    points = [(signal.SIGINT, "fathom-round"), (signal.SIGTERM, "random"), (signal.SIGINT, "tpe+hyperband")]
+    for signum, point in points:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _poll(reached, proc)
+        _wait_for(marks / point, proc)
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 130, err
         assert err.strip().splitlines()[-1].endswith("run the same command again to continue"), err
         assert "Traceback" not in err
+    running = [t for t in _trials(url, "digits/tpe+hyperband/seed0") if t.state == TrialState.RUNNING]
+    assert len(running) == 1 and running[0].user_attrs["interrupted"] is True
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
 
