@@ -41,7 +41,8 @@ def mask_url(url: str) -> str:
         except Exception:  # noqa: BLE001 - not parseable: fall back to the pattern below
             pass
     # a path or an unparseable URL: hide anything that looks like ``://user:password@``
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+    # (also ``:/user:password@``, as a path that held a URL-like name is normalized)
+    return re.sub(r"(:/+[^:/@]+:)[^@]+@", r"\1***@", url)
 
 
 class _SQLiteStorage(RDBStorage):

@@ -19,7 +19,7 @@ import threading
 __all__ = ["dashboard_command", "interruptible", "storage_problem", "unwritable_reason"]
 
 SQLITE = "sqlite:///"
-_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # what fathom_tune.open_storage takes for a URL
+URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # what fathom_tune.open_storage takes for a URL
 
 
 def dashboard_command(storage: str) -> str:
@@ -130,7 +130,7 @@ def storage_problem(storage: str) -> str | None:
             return f"{shown}: {str(db)!r} is not a file"
         why = unwritable_reason(db.parent)
         return f"{shown}: {why}" if why else None
-    if _URL.match(storage):
+    if URL.match(storage):
         try:
             sqlalchemy.engine.make_url(storage).get_dialect()
         except Exception as exc:  # noqa: BLE001 - parse and plugin errors alike

@@ -9,8 +9,8 @@ Prints each round as it finishes (hyperparameters, local steps, H, G, training
 loss, validation metrics), then the rounds to the task's target and the final
 validation and test metrics. The study is named ``<task>/fathom/seed<k>``;
 open it with ``optuna-dashboard --host 127.0.0.1 <storage>`` (printed at the
-end). The run checkpoints every round (default: ``checkpoints/`` next to the
-storage file), so the same command continues a run cut off by Ctrl-C, SIGTERM
+end). The run checkpoints every round (default: ``<storage file>-checkpoints/``
+next to the storage file), so the same command continues a run cut off by Ctrl-C, SIGTERM
 or a crash, and prints a finished one again without training. Bad options
 exit with status 2 before anything is written; an interrupt with status 130.
 """
@@ -22,7 +22,7 @@ import logging
 import pathlib
 import sys
 
-from studies._cli import SQLITE, dashboard_command, interruptible, storage_problem
+from studies._cli import SQLITE, URL, dashboard_command, interruptible, storage_problem
 
 PROG = "python -m studies.fathom"
 DEFAULT_STORAGE = "sqlite:///reports/fathom_tune.db"
@@ -41,7 +41,7 @@ def parse_args(argv):
         "--checkpoint",
         default=None,
         help="checkpoint file (.npz) to write, or to continue from if it exists "
-        "(default: checkpoints/<task>-fathom-seed<k>.npz next to the storage file)",
+        "(default: <storage file>-checkpoints/<task>-fathom-seed<k>.npz next to the storage file)",
     )
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
@@ -73,14 +73,15 @@ def parse_args(argv):
 
 
 def _default_checkpoint(storage: str, task: str, seed: int) -> str:
-    """``checkpoints/<task>-fathom-seed<k>.npz`` beside an SQLite or journal file."""
+    """``<storage file>-checkpoints/<task>-fathom-seed<k>.npz`` beside an SQLite or journal
+    file (one folder per storage, apart from ``studies.compare``'s), else under ``reports/``."""
     if storage.startswith(SQLITE):
-        parent = pathlib.Path(storage[len(SQLITE) :]).parent
-    elif "://" in storage:
-        parent = pathlib.Path("reports")
+        db = pathlib.Path(storage[len(SQLITE) :])
+    elif URL.match(storage):
+        db = pathlib.Path("reports") / "fathom"
     else:
-        parent = pathlib.Path(storage).parent
-    return str(parent / "checkpoints" / f"{task}-fathom-seed{seed}.npz")
+        db = pathlib.Path(storage)
+    return str(db.with_name(db.stem + "-checkpoints") / f"{task}-fathom-seed{seed}.npz")
 
 
 def main(argv=None) -> int:
@@ -90,9 +91,11 @@ def main(argv=None) -> int:
         with interruptible():
             return _run(args)
     except KeyboardInterrupt:
+        from fathom_tune.storage import mask_url
+
         print(
             f"\n{PROG}: interrupted; every finished round is in the storage and the checkpoint "
-            f"{args.checkpoint}: run the same command again to continue",
+            f"{mask_url(args.checkpoint)}: run the same command again to continue",
             file=sys.stderr,
         )
         return 130
@@ -147,7 +150,7 @@ def _run(args) -> int:
     print(f"final test:       {result.test_metrics}")
     print(f"next hyperparameters: {result.hparams}")
     print(f"cost: {result.cost}")
-    print(f"study {name!r} in {mask_url(args.storage)}; checkpoint {args.checkpoint}")
+    print(f"study {name!r} in {mask_url(args.storage)}; checkpoint {mask_url(args.checkpoint)}")
     print(f"dashboard: {dashboard_command(args.storage)}")
     return 0
 
