@@ -16,9 +16,12 @@ import sys
 import tempfile
 import threading
 
-__all__ = ["dashboard_command", "interruptible", "storage_problem", "unwritable_reason"]
+__all__ = ["TASKS", "dashboard_command", "interruptible", "storage_problem", "unwritable_reason"]
 
 SQLITE = "sqlite:///"
+TASKS = ("digits", "shakespeare", "synthetic")
+"""The built-in offline tasks, ``fathom_tune.tasks.REGISTRY``'s names, named here so that
+``--help`` needs no JAX (a test keeps the two equal)."""
 URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # what fathom_tune.open_storage takes for a URL
 
 

@@ -22,12 +22,10 @@ import logging
 import pathlib
 import sys
 
-from studies._cli import SQLITE, URL, dashboard_command, interruptible, storage_problem
+from studies._cli import SQLITE, TASKS, URL, dashboard_command, interruptible, storage_problem
 
 PROG = "python -m studies.fathom"
 DEFAULT_STORAGE = "sqlite:///reports/fathom_tune.db"
-TASKS = ("digits", "shakespeare", "synthetic")
-"""The built-in offline tasks (``fathom_tune.tasks.REGISTRY``; listed here so ``--help`` needs no JAX)."""
 
 
 def parse_args(argv):

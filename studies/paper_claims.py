@@ -19,14 +19,16 @@ import argparse
 import dataclasses
 import pathlib
 import sys
+from typing import TYPE_CHECKING
 
-import optuna
-import pandas as pd
+from studies._cli import TASKS, unwritable_reason
 
-import fathom_tune
-from fathom_tune import HParams
-from studies._cli import unwritable_reason
-from studies.report import markdown_table
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from fathom_tune import HParams
+
+# JAX, optuna and pandas are imported once the options have parsed: `--help` answers at once.
 
 PROG = "python -m studies.paper_claims"
 STARTS = ("default", "low lr (eta/2)", "B=4", "B=256")
@@ -49,12 +51,20 @@ def starts(task) -> dict[str, HParams]:
     )
 
 
-RUNNERS = {
-    "fathom": lambda task, start, seed, **kw: fathom_tune.optimize(
-        task, config=fathom_tune.FathomConfig(init=start), seed=seed, **kw
-    ),
-    "fedavg": lambda task, start, seed, **kw: fathom_tune.fedavg(task, start, seed=seed, **kw),
-}
+def _fathom(task, start, seed, **engine_kwargs):
+    import fathom_tune
+
+    config = fathom_tune.FathomConfig(init=start)
+    return fathom_tune.optimize(task, config=config, seed=seed, **engine_kwargs)
+
+
+def _fedavg(task, start, seed, **engine_kwargs):
+    import fathom_tune
+
+    return fathom_tune.fedavg(task, start, seed=seed, **engine_kwargs)
+
+
+RUNNERS = {"fathom": _fathom, "fedavg": _fedavg}
 """FATHOM from a start, and static FedAvg with the start's hyperparameters."""
 
 
@@ -86,7 +96,7 @@ def summarize(raw: pd.DataFrame) -> pd.DataFrame:
 def parse_args(argv=None) -> argparse.Namespace:
     """Parses and validates every option; exits with status 2 (nothing written) on bad input."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", nargs="+", default=["digits", "shakespeare"], choices=sorted(fathom_tune.tasks.REGISTRY))
+    parser.add_argument("--tasks", nargs="+", default=["digits", "shakespeare"], choices=TASKS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--starts", nargs="+", default=None, choices=STARTS, help="a subset (default: all)")
     parser.add_argument("--client-block", type=int, default=None,
@@ -114,6 +124,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import optuna
+    import pandas as pd
+
+    import fathom_tune
+    from studies.markdown import markdown_table
+
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

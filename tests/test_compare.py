@@ -436,7 +436,7 @@ def test_an_interrupt_between_studies_changes_nothing(comparison, tmp_path, monk
         pd.testing.assert_frame_equal(got, want)
 
 
-@pytest.mark.parametrize("module", ["studies.compare", "studies.fathom"])
+@pytest.mark.parametrize("module", ["studies.compare", "studies.fathom", "studies.paper_claims"])
 def test_help_answers_without_importing_jax(module):
     code = (
         "import runpy, sys\n"
@@ -450,3 +450,10 @@ def test_help_answers_without_importing_jax(module):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "usage: python -m " in proc.stdout and proc.stdout.strip().endswith("no JAX")
+
+
+def test_the_command_lines_know_every_built_in_task():
+    import fathom_tune
+    from studies._cli import TASKS
+
+    assert sorted(TASKS) == sorted(fathom_tune.tasks.REGISTRY)
