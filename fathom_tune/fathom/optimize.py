@@ -12,6 +12,7 @@ back with the training loss as the value, through :mod:`fathom_tune.record`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import pathlib
@@ -233,7 +234,9 @@ class _Run:
     every: int
     tuner: str
 
+    @functools.cached_property
     def fingerprint(self) -> dict:
+        """What a checkpoint of this run must match (built once: every round's save uses it)."""
         config = ckpt.jsonable(dataclasses.asdict(self.config))
         return ckpt.fingerprint(
             self.engine, study=self.name, num_rounds=self.num_rounds, eval_every=self.eval_every, config=config
@@ -245,7 +248,7 @@ class _Run:
         progress, trees = ckpt.load_run(
             self.path,
             kind=CHECKPOINT_KIND,
-            fingerprint=self.fingerprint(),
+            fingerprint=self.fingerprint,
             state=state,
             templates={"momentum": momentum},
         )
@@ -307,7 +310,7 @@ class _Run:
                 ckpt.save_run(
                     self.path,
                     kind=CHECKPOINT_KIND,
-                    fingerprint=self.fingerprint(),
+                    fingerprint=self.fingerprint,
                     progress=done,
                     trees={"momentum": schedule.tracker.momentum},
                 )
