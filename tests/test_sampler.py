@@ -504,3 +504,88 @@ def test_ask_and_tell_example_runs():
     assert trials[0].user_attrs[H_ATTR] == 0.0  # m = 0 in round 1
     assert len({t.params["batch_size"] for t in trials}) == 25  # the schedule moves
     assert np.linalg.norm(x - optimum) < 0.5
+
+
+# --------------------------------------------------------------------------- the sampler's cache
+
+
+def _mixed_rounds(study: optuna.Study, sampler: FathomSampler, n: int, seen: list) -> None:
+    """Rounds of every kind a study can hold, each suggestion recorded in ``seen``."""
+    for k in range(n):
+        trial = study.ask()
+        hp = sampler.suggest(trial)
+        seen.append(hp)
+        kind = k % 6
+        if kind == 1:  # diverged
+            report_divergence(trial)
+            study.tell(trial, state=TrialState.FAIL)
+        elif kind == 2:  # failed for another reason: skipped
+            study.tell(trial, state=TrialState.FAIL)
+        elif kind == 3:  # told without hypergradients: rejected
+            with pytest.raises(ValueError):
+                study.tell(trial, 1.0)
+        elif kind == 4:  # a trial that is not a round (another parameter only)
+            other = study.ask()
+            other.suggest_float("x", 0.0, 1.0)
+            study.tell(other, 0.0)
+            G, H = fake_hypergradients(hp, trial.number)
+            report_round(trial, G=G, H=H)
+            study.tell(trial, 1.0)
+        else:
+            G, H = fake_hypergradients(hp, trial.number)
+            report_round(trial, G=G, H=H)
+            study.tell(trial, 1.0)
+
+
+def test_cached_suggestions_equal_a_fresh_sampler_reading_the_whole_study():
+    sampler = make_sampler()
+    study = optuna.create_study(sampler=sampler)
+    seen = []
+    _mixed_rounds(study, sampler, 40, seen)
+    # A fresh sampler derives every suggestion from the whole study: replay the study's
+    # prefixes one by one and compare with what the cached sampler suggested then.
+    trials = study.get_trials(deepcopy=False)
+    rounds = [t for t in trials if "learning_rate" in t.params]
+    assert len(rounds) == 40
+    for k, trial in enumerate(rounds):
+        prefix = optuna.create_study(sampler=make_sampler())
+        prefix.add_trials([t for t in trials if t.number < trial.number and t.state.is_finished()])
+        assert make_sampler().next_hparams(prefix) == seen[k], k
+
+
+def test_a_suggestion_reads_no_trial_while_the_cache_is_current(monkeypatch):
+    sampler = make_sampler()
+    study = optuna.create_study(sampler=sampler)
+    run_rounds(study, sampler, 5)
+    calls = {"following": 0, "get_trials": 0}
+    real_following, real_get_trials = FathomSampler.following, optuna.Study.get_trials
+
+    def following(self, trial):
+        calls["following"] += 1
+        return real_following(self, trial)
+
+    def get_trials(self, *args, **kwargs):
+        calls["get_trials"] += 1
+        return real_get_trials(self, *args, **kwargs)
+
+    monkeypatch.setattr(FathomSampler, "following", following)
+    monkeypatch.setattr(optuna.Study, "get_trials", get_trials)
+    for n in (10, 200):
+        run_rounds(study, sampler, n - len(study.trials))
+        before = dict(calls)
+        run_rounds(study, sampler, 1)  # one ask, suggest and tell
+        # the told round is read once (at tell), whatever the study's size
+        assert calls["following"] - before["following"] == 1
+        assert calls["get_trials"] == before["get_trials"]
+
+
+def test_rounds_written_by_another_sampler_are_noticed(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    mine, theirs = make_sampler(), make_sampler()
+    study = optuna.create_study(storage=url, study_name="s", sampler=mine)
+    run_rounds(study, mine, 3)
+    other = optuna.load_study(storage=url, study_name="s", sampler=theirs)
+    run_rounds(other, theirs, 2)  # the cached sampler did not see these
+    expected = make_sampler().next_hparams(optuna.load_study(storage=url, study_name="s"))
+    assert mine.next_hparams(study) == expected
+    assert expected != mine.following(study.trials[2])  # the count told it to read again
