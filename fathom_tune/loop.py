@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -94,13 +94,13 @@ class Progress:
     Attributes:
         state: the server state (the last accepted model; its ``round`` is
             also the position in the run's random streams).
-        rows: the history rows so far (see :func:`run`).
+        rows: the history rows so far (see :func:`run`; a sequence of dicts).
         cost: the ledger so far.
         final_metrics: the latest validation metrics.
     """
 
     state: ServerState
-    rows: tuple[dict, ...] = ()
+    rows: Sequence[dict] = ()
     cost: Cost = dataclasses.field(default_factory=Cost)
     final_metrics: dict = dataclasses.field(default_factory=dict)
 
@@ -226,15 +226,35 @@ def run(
                 bar.set_postfix({task.target.metric: f"{metrics.get(task.target.metric, math.nan):.4f}"})
             bar.update(1)
             if on_round is not None:
-                on_round(Progress(state, tuple(rows), cost, final_metrics))
+                on_round(Progress(state, _Prefix(rows, len(rows)), cost, final_metrics))
             if outcome.stop:
                 break
     if f"val_{task.target.metric}" not in rows[-1]:  # stopped early or diverged last
         final_metrics = engine.evaluate(state.params, "validation")
-        for k, v in final_metrics.items():
-            rows[-1][f"val_{k}"] = v
+        # a new dict: rows handed to on_round (maybe still being written) stay as they were
+        rows[-1] = {**rows[-1], **{f"val_{k}": v for k, v in final_metrics.items()}}
     history = pd.DataFrame(rows)
     return RunResult(state=state, history=history, cost=cost, final_metrics=final_metrics)
+
+
+class _Prefix(Sequence):
+    """The first ``n`` rows of the run's growing row list, without copying them: the
+    loop only appends, so the view stays what it was (O(1) per round, not O(rounds))."""
+
+    __slots__ = ("_rows", "_n")
+
+    def __init__(self, rows: list, n: int) -> None:
+        self._rows, self._n = rows, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self._rows[: self._n][index]
+        if not -self._n <= index < self._n:
+            raise IndexError(index)
+        return self._rows[index % self._n]
 
 
 def _row(result: RoundResult, metrics, accepted: bool, cost: Cost, extra: dict) -> dict:

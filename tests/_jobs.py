@@ -1,11 +1,14 @@
 """Jobs that the reliability tests run in child processes (and kill).
 
 ``python tests/_jobs.py fathom <storage> <checkpoint> <num_rounds> <stall>``
-runs a checkpointed FATHOM run on the toy task; ``python tests/_jobs.py
+runs a checkpointed FATHOM run on the toy task, writing its rounds and
+checkpoint every 2 rounds; ``python tests/_jobs.py
 baseline <storage> <checkpoint_dir> <worker> <budget_rounds> <stall>`` runs
-one random-search worker on it. With ``stall`` = 1 the job hangs at a known
-point (FATHOM: inside round ``STALL_ROUND``, its trial running; baseline:
-right after its first checkpoint), where the test kills it; toy rounds take
+one random-search worker on it. The job hangs at a known point where the
+test kills it: FATHOM with ``stall`` = ``round`` inside round ``STALL_ROUND``,
+with ``write`` after its rounds up to ``STALL_ROUND - 1`` were committed and
+before their checkpoint (both touch ``<checkpoint>.stalled`` first);
+a baseline with ``stall`` = 1 right after its first checkpoint. Toy rounds take
 milliseconds, so a kill timed from outside would miss them. Baseline workers
 wait 3 s between failing a stale trial and creating its retry, so that the
 other workers act in that moment.
@@ -47,21 +50,35 @@ def short_toy():
 
 
 def fathom(storage: str, checkpoint: str, num_rounds: str, stall: str) -> None:
-    if stall == "1":
+    marker = pathlib.Path(checkpoint + ".stalled")
+    if stall == "round":  # hang inside round STALL_ROUND (round STALL_ROUND - 1 not yet written)
         real = Engine.run_round
 
         def run_round(self, state, hparams):
             if state.round == STALL_ROUND:
+                marker.touch()
                 _hang()
             return real(self, state, hparams)
 
         Engine.run_round = run_round
+    elif stall == "write":  # hang after rounds up to STALL_ROUND - 1 were committed, before their checkpoint
+        real_save = fathom_tune.checkpoint.save_run
+
+        def save_run(path, *, progress, **kwargs):
+            if progress.state.round >= STALL_ROUND - 1:
+                marker.touch()
+                _hang()
+            return real_save(path, progress=progress, **kwargs)
+
+        fathom_tune.checkpoint.save_run = save_run
     fathom_tune.optimize(
         toy_task(),
         num_rounds=int(num_rounds),
         eval_every=2,
         storage=storage,
         checkpoint=checkpoint,
+        checkpoint_every=2,
+        flush_seconds=3600,
         progress=False,
     )
 

@@ -90,24 +90,26 @@ def _rounds(trials) -> dict[int, list]:
 # --------------------------------------------------------------- FATHOM
 
 
-def test_sigkilled_fathom_run_resumes_to_the_uninterrupted_result(tmp_path):
+@pytest.mark.parametrize(
+    "stall, written, checkpointed",
+    [
+        # killed inside round 5: rounds 0-3 were written with the checkpoint at 4,
+        # round 4 was queued and is lost with the process
+        ("round", STALL_ROUND - 1, STALL_ROUND - 1),
+        # killed after rounds 0-3 were committed, before their checkpoint (at 2 then)
+        ("write", STALL_ROUND - 1, STALL_ROUND - 3),
+    ],
+)
+def test_sigkilled_fathom_run_resumes_to_the_uninterrupted_result(tmp_path, stall, written, checkpointed):
     rounds, name = 12, "toy/fathom/seed0"
     url, ckpt = f"sqlite:///{tmp_path}/s.db", tmp_path / "run.npz"
-    proc = _start("fathom", url, ckpt, rounds, 1)  # hangs inside round STALL_ROUND
-
-    def stalled():
-        trials = _trials(url, name)
-        return any(
-            t.state == TrialState.RUNNING and t.user_attrs.get(ROUND_ATTR) == STALL_ROUND
-            for t in trials
-        )
-
-    _wait_until(stalled, proc)
+    proc = _start("fathom", url, ckpt, rounds, stall)
+    _wait_until(pathlib.Path(f"{ckpt}.stalled").exists, proc)
     _kill(proc)
     before = {r: ts[0].value for r, ts in _rounds(_trials(url, name)).items()}
-    assert sorted(before) == list(range(STALL_ROUND))
+    assert sorted(before) == list(range(written))
     meta, _ = load_checkpoint(ckpt, kind="fathom", templates={})
-    assert meta["round"] == STALL_ROUND
+    assert meta["round"] == checkpointed
 
     resumed = fathom_tune.optimize(
         toy_task(), num_rounds=rounds, eval_every=2, storage=url, checkpoint=ckpt, progress=False
@@ -118,17 +120,17 @@ def test_sigkilled_fathom_run_resumes_to_the_uninterrupted_result(tmp_path):
         assert list(resumed.history[col]) == list(plain.history[col]), col
     assert list(resumed.history["round"]) == list(range(rounds))
     assert resumed.cost.examples == plain.cost.examples
-    # Every round is in the study exactly once; the rounds finished before the kill kept their values.
+    # Every round is in the study exactly once, as the uninterrupted run wrote it;
+    # rounds are written finished, so a kill leaves no running trial behind.
+    assert [t.state for t in resumed.study.trials] == [TrialState.COMPLETE] * rounds
     done = _rounds(resumed.study.trials)
     assert sorted(done) == list(range(rounds))
-    assert all(len(ts) == 1 for ts in done.values())
     assert {r: done[r][0].value for r in before} == before
-    assert [t.value for t in plain.study.trials] == [done[r][0].value for r in range(rounds)]
-    # The round running at the kill is left over, failed and marked stale.
-    extra = [t for t in resumed.study.trials if t.state != TrialState.COMPLETE]
-    assert [(t.state, t.user_attrs[ROUND_ATTR], t.user_attrs[STALE_ATTR]) for t in extra] == [
-        (TrialState.FAIL, STALL_ROUND, True)
-    ]
+    for mine, theirs in zip(resumed.study.trials, plain.study.trials):
+        assert (mine.params, mine.value) == (theirs.params, theirs.value)
+        assert {k: v for k, v in mine.user_attrs.items() if k != "cost"} == {
+            k: v for k, v in theirs.user_attrs.items() if k != "cost"
+        }
 
 
 class _Crash(Exception):
@@ -136,21 +138,30 @@ class _Crash(Exception):
 
 
 def test_resume_replays_rounds_the_study_holds_past_the_checkpoint(tmp_path, monkeypatch):
-    # Checkpoints every 3 rounds; the process dies in round 5 after rounds 3 and 4 were told.
+    # Writes every 3 rounds; the process dies after rounds 3-5 were committed, before
+    # their checkpoint (at round 3 then) was written.
     task, rounds, url, ckpt = toy_task(), 8, f"sqlite:///{tmp_path}/s.db", tmp_path / "c.npz"
-    real = crash_in_round(monkeypatch, 5, _Crash)
+    real_save = fathom_tune.checkpoint.save_run
+
+    def save_run(path, *, progress, **kwargs):
+        if progress.state.round == 6:
+            raise _Crash
+        return real_save(path, progress=progress, **kwargs)
+
     server = optax.sgd(1.0, momentum=0.5)  # an optimizer state to restore
     kwargs = {"seed": 3, "num_rounds": rounds, "eval_every": 2, "storage": url, "progress": False}
-    kwargs["server_optimizer"] = server
+    kwargs.update(server_optimizer=server, checkpoint_every=3, flush_seconds=3600)
+    monkeypatch.setattr(fathom_tune.checkpoint, "save_run", save_run)
     with pytest.raises(_Crash):
-        fathom_tune.optimize(task, checkpoint=ckpt, checkpoint_every=3, **kwargs)
+        fathom_tune.optimize(task, checkpoint=ckpt, **kwargs)
     meta, _ = load_checkpoint(ckpt, kind="fathom", templates={})  # the metadata alone
     assert meta["round"] == 3 and len(meta["rows"]) == 3
-    monkeypatch.setattr(Engine, "run_round", real)
+    assert [t.user_attrs[ROUND_ATTR] for t in _trials(url, "toy/fathom/seed3")] == list(range(6))
+    monkeypatch.setattr(fathom_tune.checkpoint, "save_run", real_save)
 
-    resumed = fathom_tune.optimize(task, checkpoint=ckpt, checkpoint_every=3, **kwargs)
+    resumed = fathom_tune.optimize(task, checkpoint=ckpt, **kwargs)
     plain_kwargs = {**kwargs, "storage": f"sqlite:///{tmp_path}/plain.db"}
-    plain = fathom_tune.optimize(task, checkpoint=tmp_path / "plain.npz", checkpoint_every=3, **plain_kwargs)
+    plain = fathom_tune.optimize(task, checkpoint=tmp_path / "plain.npz", **plain_kwargs)
     assert np.array_equal(flat(resumed.params), flat(plain.params))
     templates = {"params": plain.params, "opt_state": server.init(plain.params), "momentum": plain.params}
     _, end_resumed = load_checkpoint(ckpt, kind="fathom", templates=templates)
@@ -158,16 +169,30 @@ def test_resume_replays_rounds_the_study_holds_past_the_checkpoint(tmp_path, mon
     for name in ("opt_state", "momentum"):  # the server optimizer's state and m were restored
         assert np.array_equal(flat(end_resumed[name]), flat(end_plain[name])), name
     assert list(resumed.history["H"]) == list(plain.history["H"])  # m was restored
+    # Rounds 0-5 from the first process (3-5 replayed, not written again), then 6-7.
     states = [(t.state, t.user_attrs.get(ROUND_ATTR)) for t in resumed.study.trials]
-    # Rounds 0-4 from the first process, round 5's trial failed as stale, then 5-7 anew.
-    assert states == [(TrialState.COMPLETE, r) for r in range(5)] + [(TrialState.FAIL, 5)] + [
-        (TrialState.COMPLETE, r) for r in range(5, rounds)
-    ]
-    assert resumed.study.trials[5].user_attrs[STALE_ATTR] is True
+    assert states == [(TrialState.COMPLETE, r) for r in range(rounds)]
+    assert [t.value for t in resumed.study.trials] == [t.value for t in plain.study.trials]
     # A finished run resumed again does no more rounds and writes nothing new.
-    again = fathom_tune.optimize(task, checkpoint=ckpt, checkpoint_every=3, **kwargs)
+    again = fathom_tune.optimize(task, checkpoint=ckpt, **kwargs)
     assert len(again.study.trials) == len(resumed.study.trials)
     assert np.array_equal(flat(again.params), flat(plain.params))
+
+
+def test_an_interrupt_writes_the_queued_rounds_and_their_checkpoint(tmp_path, monkeypatch):
+    task, url, ckpt = toy_task(), f"sqlite:///{tmp_path}/s.db", tmp_path / "c.npz"
+    real = crash_in_round(monkeypatch, 5, KeyboardInterrupt)
+    kwargs = {"num_rounds": 8, "eval_every": 2, "storage": url, "checkpoint": ckpt, "flush_seconds": 3600}
+    with pytest.raises(KeyboardInterrupt):
+        fathom_tune.optimize(task, **kwargs)
+    # nothing was due before the interrupt; it wrote rounds 0-4 and the checkpoint after them
+    assert [t.user_attrs[ROUND_ATTR] for t in _trials(url, "toy/fathom/seed0")] == list(range(5))
+    assert load_checkpoint(ckpt, kind="fathom", templates={})[0]["round"] == 5
+    monkeypatch.setattr(Engine, "run_round", real)
+    resumed = fathom_tune.optimize(task, **kwargs)
+    plain = fathom_tune.optimize(task, num_rounds=8, eval_every=2)
+    assert np.array_equal(flat(resumed.params), flat(plain.params))
+    assert [t.value for t in resumed.study.trials] == [t.value for t in plain.study.trials]
 
 
 def test_a_second_run_on_a_held_checkpoint_is_refused(tmp_path):
@@ -206,7 +231,7 @@ def test_resume_with_another_server_optimizer_is_refused_naming_it(tmp_path, mon
         fathom_tune.optimize(toy_task(), server_optimizer=optax.adam(1e-2), **kwargs)
     assert len(optuna.load_study(study_name="toy/fathom/seed0", storage=url).trials) == n
     resumed = fathom_tune.optimize(toy_task(), server_optimizer=optax.adam(1e-3), **kwargs)
-    assert resumed.cost.rounds == 3 and len(resumed.study.trials) == 4  # 3 rounds + 1 stale
+    assert resumed.cost.rounds == 3 and len(resumed.study.trials) == 3  # rounds are written finished
 
 
 def test_checkpoint_needs_a_persistent_storage(tmp_path):

@@ -12,18 +12,22 @@ back with the training loss as the value, through :mod:`fathom_tune.record`.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import logging
 import math
 import pathlib
+import time
 import warnings
 
 import jax
 import optuna
-from optuna.trial import TrialState
+from optuna.storages import InMemoryStorage
+from optuna.trial import FrozenTrial, TrialState
 
 from fathom_tune import checkpoint as ckpt
 from fathom_tune import checks, record
+from fathom_tune._batch import Writes, add_trials
 from fathom_tune.engine import Engine, RoundResult
 from fathom_tune.fathom.hypergrad import LocalAgreement, ServerTracker, local_hypergradient
 from fathom_tune.fathom.sampler import FathomSampler, report_divergence, report_round
@@ -52,7 +56,14 @@ def _server_step(tracker: ServerTracker, update):
 
 
 class _FathomSchedule:
-    """The loop's schedule: ask a trial per round, tell it with G, H and the loss.
+    """The loop's schedule: each round's hyperparameters, and each round as a finished trial.
+
+    The hyperparameters come from :meth:`FathomSampler.following` of the
+    previous round, as the sampler would derive them from the study; each
+    round is recorded as the trial the sampler's ask-and-tell protocol would
+    write (its three parameters, ``G``, ``H``, cost, evaluations; training
+    loss as value, ``FAIL`` for a diverged round) and queued in ``pending``
+    until the run flushes a batch to the storage (:func:`fathom_tune._batch.add_trials`).
 
     ``recorded`` maps rounds that the study already finished (a resumed run
     whose checkpoint is older than the study) to their trials: those rounds
@@ -65,48 +76,38 @@ class _FathomSchedule:
         self.sampler = sampler
         self.tracker = tracker
         self.recorded = dict(recorded or {})
-        self.trial: optuna.Trial | None = None
         self.replay = None
+        self.pending: list[FrozenTrial] = []
+        self.next = sampler.next_hparams(study)
+        self.started = None
+        self.distributions = sampler.search_space
 
     def propose(self, round_index: int) -> HParams:
         self.replay = self.recorded.pop(round_index, None)
         if self.replay is not None:
             return HParams(**{n: self.replay.params[n] for n in NAMES})
-        with warnings.catch_warnings():  # one round per trial: the checkpoint lock, not a
-            # heartbeat, tells a dead run's trial (see _reconcile)
-            warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            self.trial = self.study.ask()
-        self.trial.set_user_attr(record.ROUND, round_index)
-        return self.sampler.suggest(self.trial)
+        self.started = datetime.datetime.now()
+        return self.next
 
     def observe(self, result: RoundResult, metrics, accepted: bool) -> Outcome:
         G = local_hypergradient(result.statistic, result.num_examples)
-        evals = [] if metrics is None else [record.evaluation(1, result.cost.examples, metrics)]
-        if self.replay is None:
-            record.write_step(
-                self.trial,
-                cost=result.cost,
-                evals=evals,
-                **{record.LOCAL_STEPS: int(result.local_steps.sum())},
-            )
-        if not accepted:
-            if self.replay is None:
-                report_divergence(self.trial)
-                self.study.tell(self.trial, state=TrialState.FAIL)
-            return Outcome(record={"H": math.nan, "G": G, "diverged": True})
-        h, self.tracker = _server_step(self.tracker, result.update)
-        h = float(h)
+        h = math.nan
+        if accepted:
+            h, self.tracker = _server_step(self.tracker, result.update)
+            h = float(h)
         if self.replay is not None:
-            if not math.isclose(self.replay.value, result.train_loss, rel_tol=1e-5, abs_tol=1e-7):
+            trial = self.replay
+            if accepted and not math.isclose(trial.value, result.train_loss, rel_tol=1e-5, abs_tol=1e-7):
                 warnings.warn(
                     f"round {result.round} replayed after a resume gave training loss "
-                    f"{result.train_loss!r}; the study recorded {self.replay.value!r}",
+                    f"{result.train_loss!r}; the study recorded {trial.value!r}",
                     RuntimeWarning,
                     stacklevel=2,
                 )
         else:
-            report_round(self.trial, G=G, H=h)
-            self.study.tell(self.trial, result.train_loss)
+            trial = self._trial(result, metrics, accepted, G, h)
+            self.pending.append(trial)
+        self.next = self.sampler.following(trial) or self.next
         if _rounds_log.isEnabledFor(logging.INFO):
             hp = result.hparams
             shown = " ".join(f"{k}={v:.4g}" for k, v in (metrics or {}).items())
@@ -114,7 +115,45 @@ class _FathomSchedule:
                 f"{result.round:5d} {hp.learning_rate:9.4g} {hp.local_epochs:8.4g} {hp.batch_size:8.4g} "
                 f"{int(result.local_steps.sum()):6d} {h:7.3f} {G:7.3f} {result.train_loss:9.4g}  {shown}"
             )
-        return Outcome(record={"H": h, "G": G, "diverged": False})
+        return Outcome(record={"H": h, "G": G, "diverged": not accepted})
+
+    def _trial(self, result: RoundResult, metrics, accepted: bool, G: float, h: float) -> FrozenTrial:
+        """The round as the trial FathomSampler's ask-and-tell protocol records."""
+        hp = result.hparams
+        attrs = _Attrs({record.ROUND: int(result.round)})
+        evals = [] if metrics is None else [record.evaluation(1, result.cost.examples, metrics)]
+        record.write_step(
+            attrs, cost=result.cost, evals=evals, **{record.LOCAL_STEPS: int(result.local_steps.sum())}
+        )
+        if accepted:
+            report_round(attrs, G=G, H=h)
+        else:
+            report_divergence(attrs)
+        return FrozenTrial(
+            number=0,
+            trial_id=0,
+            state=TrialState.COMPLETE if accepted else TrialState.FAIL,
+            value=float(result.train_loss) if accepted else None,
+            datetime_start=self.started,
+            datetime_complete=datetime.datetime.now(),
+            params={n: getattr(hp, n) for n in NAMES},
+            distributions=self.distributions,
+            user_attrs=dict(attrs),
+            system_attrs={},
+            intermediate_values={},
+        )
+
+    def take(self) -> list[FrozenTrial]:
+        """The queued rounds, handed to the writer (the queue starts empty again)."""
+        taken, self.pending = self.pending, []
+        return taken
+
+
+class _Attrs(dict):
+    """User attrs gathered for a trial template, through the writers that set them on a trial."""
+
+    def set_user_attr(self, key, value) -> None:
+        self[key] = value
 
 
 def _refuse_orphan_checkpoint(path: pathlib.Path, storage) -> None:
@@ -136,7 +175,8 @@ def optimize(
     storage=None,
     study_name: str | None = None,
     checkpoint=None,
-    checkpoint_every: int = 1,
+    checkpoint_every: int | None = None,
+    flush_seconds: float = 1.0,
     progress: bool = False,
     tuner: str = TUNER,
     **engine_kwargs,
@@ -156,12 +196,20 @@ def optimize(
             checkpoint, the study must not hold rounds already.
         checkpoint: a file path (``.npz``) for crash-safe resume, used with a
             persistent ``storage``. If the file does not exist the run starts
-            and writes it every ``checkpoint_every`` rounds (atomically: the
-            model, the server optimizer state, FATHOM's ``m``, the round,
-            the ledger and the history); if it exists the run continues from
-            it and ends exactly as an uninterrupted run would. While a run
+            and writes it each time it writes rounds to the storage
+            (atomically: the model, the server optimizer state, FATHOM's
+            ``m``, the round, the ledger and the history); if it exists the
+            run continues from it and ends exactly as an uninterrupted run
+            would, a kill at any moment included (rounds the storage had not
+            received yet are run again from the checkpoint). While a run
             holds the checkpoint, a second run on it is refused.
-        checkpoint_every: rounds between checkpoints.
+        checkpoint_every: also write the rounds and the checkpoint at least
+            every this many rounds (default: only as ``flush_seconds`` says).
+        flush_seconds: rounds are written to the storage in batches, one
+            transaction per batch: after the first round that ends at least
+            this many seconds after the last write, at the end of the run,
+            and on an interrupt or error. ``0`` writes every round as it
+            ends (slower: a transaction per round).
         progress: show a progress bar.
         tuner: the tuner name recorded in the study (and its default name);
             a registered FATHOM variant passes its own.
@@ -202,14 +250,15 @@ def optimize(
     num_rounds = checks.positive_int("num_rounds", task.num_rounds if num_rounds is None else num_rounds)
     if eval_every is not None:
         checks.positive_int("eval_every", eval_every)
-    every = checks.positive_int("checkpoint_every", checkpoint_every)
+    every = None if checkpoint_every is None else checks.positive_int("checkpoint_every", checkpoint_every)
+    flush_seconds = checks.nonnegative_real("flush_seconds", flush_seconds)
     path = ckpt.check_path(checkpoint)
     if path is not None and storage is None:
         raise ValueError(
             "checkpoint needs a persistent storage (an RDB URL or a journal file path): the "
             "rounds of an in-memory study would be lost with the process"
         )
-    run_ = _Run(task, engine, config, num_rounds, eval_every, name, path, every, tuner)
+    run_ = _Run(task, engine, config, num_rounds, eval_every, name, path, every, tuner, flush_seconds)
     if path is not None and path.exists():  # refuse a bad checkpoint before anything is written
         run_.load()
         _refuse_orphan_checkpoint(path, storage)
@@ -231,8 +280,9 @@ class _Run:
     eval_every: int | None
     name: str
     path: pathlib.Path | None
-    every: int
+    every: int | None
     tuner: str
+    flush_seconds: float
 
     @functools.cached_property
     def fingerprint(self) -> dict:
@@ -241,6 +291,19 @@ class _Run:
         return ckpt.fingerprint(
             self.engine, study=self.name, num_rounds=self.num_rounds, eval_every=self.eval_every, config=config
         )
+
+    def write(self, study: optuna.Study, trials: list[FrozenTrial], done: Progress | None, momentum) -> None:
+        """Writes ``trials`` (one transaction), then checkpoints ``done``: the checkpoint is
+        never ahead of the storage (a study ahead of it is replayed on resume)."""
+        add_trials(study, trials)
+        if self.path is not None and done is not None:
+            ckpt.save_run(
+                self.path,
+                kind=CHECKPOINT_KIND,
+                fingerprint=self.fingerprint,
+                progress=done,
+                trees={"momentum": momentum},
+            )
 
     def load(self) -> tuple[Progress, ServerTracker]:
         state = self.engine.init()
@@ -305,27 +368,59 @@ class _Run:
         sampler = study.sampler
         schedule = _FathomSchedule(study, sampler, tracker, recorded)
 
-        def on_round(done: Progress) -> None:
-            if len(done.rows) % self.every == 0 or len(done.rows) == self.num_rounds:
-                ckpt.save_run(
-                    self.path,
-                    kind=CHECKPOINT_KIND,
-                    fingerprint=self.fingerprint,
-                    progress=done,
-                    trees={"momentum": schedule.tracker.momentum},
-                )
+        # Rounds and checkpoints are written by one background job at a time, so a
+        # commit's or an fsync's wait overlaps the next rounds' training.
+        writes = Writes(threaded=self.path is not None or not isinstance(study._storage, InMemoryStorage))
+        last = {"write": time.monotonic(), "done": resume, "momentum": tracker.momentum}
 
-        out = run(
-            self.engine,
-            schedule,
-            num_rounds=self.num_rounds,
-            eval_every=self.eval_every,
-            resume=resume,
-            on_round=None if self.path is None else on_round,
-            progress="FATHOM " + self.task.name if progress else False,
-        )
+        def write(done: Progress | None) -> None:
+            trials, momentum = schedule.take(), last["momentum"]
+            if done is not None:  # the rows as they are now, for the writer's thread
+                done = dataclasses.replace(done, rows=tuple(done.rows))
+
+            def job() -> None:
+                try:
+                    self.write(study, trials, done, momentum)
+                except BaseException:
+                    last["failed"] = True  # its rounds are lost: no later checkpoint may pass them
+                    raise
+
+            writes.submit(job)
+            last["write"] = time.monotonic()
+
+        def on_round(done: Progress) -> None:
+            rounds = len(done.rows)
+            last["done"], last["momentum"] = done, schedule.tracker.momentum  # m after this round
+            if rounds == self.num_rounds or (self.every is not None and rounds % self.every == 0):
+                write(done)
+            elif time.monotonic() - last["write"] >= self.flush_seconds and not writes.busy():
+                write(done)
+
+        try:
+            out = run(
+                self.engine,
+                schedule,
+                num_rounds=self.num_rounds,
+                eval_every=self.eval_every,
+                resume=resume,
+                on_round=on_round,
+                progress="FATHOM " + self.task.name if progress else False,
+            )
+            if schedule.pending:  # stopped before the last round
+                write(last["done"])
+            writes.drain()
+        except BaseException:  # an interrupt, a kill signal turned exception, an error
+            try:
+                writes.drain()
+                if not last.get("failed"):
+                    self.write(study, schedule.take(), last["done"], last["momentum"])
+            except Exception:  # noqa: BLE001 - the original exception is the one to see
+                _log.exception("FATHOM %s: could not write the rounds queued at the interrupt", self.name)
+            raise
+        finally:
+            writes.close()
         test_metrics = self.engine.evaluate(out.params, "test")
-        hparams = sampler.next_hparams(study)
+        hparams = schedule.next
         record.write_outcome(
             study, hparams=hparams, validation=out.final_metrics, test=test_metrics, ledger=out.cost
         )

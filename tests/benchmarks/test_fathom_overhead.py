@@ -1,100 +1,124 @@
-"""Time of a FATHOM round against a plain FedAvg round with the same hyperparameters.
+"""FATHOM's whole overhead over plain FedAvg, per round, on each kind of storage.
 
-Run: python -m pytest tests/benchmarks/test_fathom_overhead.py -o addopts=""
+Run: python -m pytest tests/benchmarks/test_fathom_overhead.py -o addopts="" -s
+(FATHOM_BENCH_ROUNDS=10000 for the long curve; default 1000.)
 
-FATHOM's hyper learning rates are set to 0, so both runs use the task's
-initial hyperparameters every round; the difference is what FATHOM adds per
-round: its client statistic phi in the local steps, an Optuna trial (ask,
-suggest from storage, tell), the global hypergradient H and the moving
-average m. Both go through the public entry points (``fathom_tune.fedavg``,
-``fathom_tune.optimize``), so each also evaluates its final model on test.
+Both runs use the same engine and the same hyperparameters every round:
+FATHOM's hyper learning rates are 0, so it keeps the task's initial values,
+and plain FedAvg runs them with no client statistic. FATHOM's cost per round
+is everything it adds: the statistic phi in the local steps, H and m, the
+round's trial, its writes to the storage and, where given, the checkpoint.
 
-A third run, ``optuna-trial``, is FedAvg that also records each round as a
-bare in-memory Optuna trial (ask, three ``suggest_float`` from a fixed
-sampler, the same user attributes, tell) and nothing else: the part of
-FATHOM's cost that comes from the one-trial-per-round protocol itself.
+Per-round time is measured between the ends of consecutive rounds
+(``Engine.run_round`` wrapped to note the time), so it holds all the
+bookkeeping between two rounds; the runs' fixed costs (opening a storage,
+compiling, the final test evaluation) are reported apart as whole-run time.
+The cases run interleaved, ``REPEATS`` times, in one process; the table
+printed at the end gives each case's median time per round over rounds
+100-200 and over the last 100 rounds, and its ratio to FedAvg's.
 """
 
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
 import optuna
 import pytest
 
 import fathom_tune
 from fathom_tune import FathomConfig
 from fathom_tune.engine import Engine
-from fathom_tune.hparams import NAMES
-from fathom_tune.loop import Outcome, run
+from fathom_tune.fathom import LocalAgreement
+from fathom_tune.loop import Static, run
 
-ROUNDS_PER_RUN = {"digits": 20, "shakespeare": 3}
+ROUNDS = int(os.environ.get("FATHOM_BENCH_ROUNDS", "1000"))
+REPEATS = 3
 FROZEN = FathomConfig(gamma_local_epochs=0.0, gamma_learning_rate=0.0, gamma_batch_size=0.0)
+CASES = ("fedavg", "fedavg+phi", "memory", "journal", "sqlite", "sqlite+checkpoint")
+"""``fedavg+phi``: FedAvg on the engine with FATHOM's client statistic on and nothing
+else, the part of FATHOM's cost that is in the compiled local steps."""
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@pytest.fixture(scope="module", params=sorted(ROUNDS_PER_RUN))
-def task(request):
-    task = fathom_tune.tasks.get(request.param)
-    fathom_tune.fedavg(task, num_rounds=2, eval_every=1000)  # compile both engines' programs
-    fathom_tune.optimize(task, config=FROZEN, num_rounds=2, eval_every=1000)
-    return task
+def _one(case: str, task, folder: str, k: int) -> None:
+    eval_every = ROUNDS  # evaluation once, at the end, in every case
+    if case == "fedavg":
+        run(Engine(task), Static(task.init_hparams), num_rounds=ROUNDS, eval_every=eval_every)
+        return
+    if case == "fedavg+phi":
+        engine = Engine(task, client_statistic=LocalAgreement())
+        run(engine, Static(task.init_hparams), num_rounds=ROUNDS, eval_every=eval_every)
+        return
+    storage = {
+        "memory": None,
+        "journal": f"{folder}/j{k}.log",
+        "sqlite": f"sqlite:///{folder}/s{k}.db",
+        "sqlite+checkpoint": f"sqlite:///{folder}/c{k}.db",
+    }[case]
+    checkpoint = f"{folder}/c{k}.npz" if case == "sqlite+checkpoint" else None
+    fathom_tune.optimize(
+        task, config=FROZEN, num_rounds=ROUNDS, eval_every=eval_every, storage=storage, checkpoint=checkpoint
+    )
 
 
-class _Fixed(optuna.samplers.BaseSampler):
-    """Suggests one fixed set of values, with no reading of the study."""
+@pytest.fixture(scope="module")
+def timings():
+    task = fathom_tune.tasks.digits()
+    ends: list[float] = []
+    real = Engine.run_round
 
-    def __init__(self, hparams):
-        self.values = {n: getattr(hparams, n) for n in NAMES}
+    def noted(self, state, hparams):
+        out = real(self, state, hparams)
+        ends.append(time.perf_counter())
+        return out
 
-    def infer_relative_search_space(self, study, trial):
-        return {}
-
-    def sample_relative(self, study, trial, search_space):
-        return {}
-
-    def sample_independent(self, study, trial, name, distribution):
-        return self.values[name]
-
-
-class _TrialPerRound:
-    """FedAvg that records every round as a bare Optuna trial."""
-
-    def __init__(self, task):
-        self.study = optuna.create_study(sampler=_Fixed(task.init_hparams))
-        self.bounds = task.bounds
-        self.trial = None
-
-    def propose(self, round_index):
-        self.trial = self.study.ask()
-        self.trial.set_user_attr("round", round_index)
-        lower, upper = self.bounds.lower, self.bounds.upper
-        values = {
-            n: self.trial.suggest_float(n, getattr(lower, n), getattr(upper, n), log=True)
-            for n in NAMES
-        }
-        return fathom_tune.HParams(**values)
-
-    def observe(self, result, metrics, accepted):
-        for key, value in (
-            ("local_steps", int(result.local_steps.sum())),
-            ("examples", int(result.cost.examples)),
-            ("fathom.G", 0.0),
-            ("fathom.H", 0.0),
-        ):
-            self.trial.set_user_attr(key, value)
-        self.study.tell(self.trial, result.train_loss)
-        return Outcome()
+    Engine.run_round = noted
+    out = {case: {"per_round": [], "whole": []} for case in CASES}
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            for case in CASES:  # compile everything once
+                _one(case, task, folder, -1)
+            for k in range(REPEATS):
+                for case in CASES:
+                    ends.clear()
+                    start = time.perf_counter()
+                    _one(case, task, folder, k)
+                    out[case]["whole"].append(time.perf_counter() - start)
+                    out[case]["per_round"].append(np.diff(ends))
+    finally:
+        Engine.run_round = real
+    return out
 
 
-def one_run(tuner, task, rounds):
-    if tuner == "fedavg":
-        return fathom_tune.fedavg(task, num_rounds=rounds, eval_every=1000)
-    if tuner == "optuna-trial":
-        return run(Engine(task), _TrialPerRound(task), num_rounds=rounds, eval_every=1000)
-    return fathom_tune.optimize(task, config=FROZEN, num_rounds=rounds, eval_every=1000)
+def _window(per_round: list[np.ndarray], lo: int, hi: int) -> float:
+    """Median seconds per round over rounds lo..hi, the median over repetitions."""
+    return statistics.median(float(np.median(d[lo - 1 : hi - 1])) for d in per_round)
 
 
-@pytest.mark.parametrize("tuner", ["fedavg", "optuna-trial", "fathom"])
-def test_round_time_with_and_without_fathom(benchmark, task, tuner):
-    rounds = ROUNDS_PER_RUN[task.name]
-    benchmark.group = f"{rounds} rounds on {task.name}"
-    benchmark.extra_info["tuner"] = tuner
-    out = benchmark.pedantic(one_run, args=(tuner, task, rounds), rounds=5, warmup_rounds=1)
-    assert out.cost.rounds == rounds
+def test_fathom_overhead_per_round(timings):
+    early, late = (100, 200), (ROUNDS - 100, ROUNDS)
+    base = {w: _window(timings["fedavg"]["per_round"], *w) for w in (early, late)}
+    print(f"\ndigits, {ROUNDS} rounds, {REPEATS} repetitions (median); ms per round and ratio to FedAvg")
+    print(f"{'case':>18} {'r100-200':>9} {'ratio':>6} {f'r{late[0]}-{late[1]}':>11} {'ratio':>6} {'late/early':>10} {'whole run s':>11}")
+    for case in CASES:
+        e, l = (_window(timings[case]["per_round"], *w) for w in (early, late))
+        whole = statistics.median(timings[case]["whole"])
+        print(
+            f"{case:>18} {1e3 * e:9.3f} {e / base[early]:6.2f} {1e3 * l:11.3f} {l / base[late]:6.2f} "
+            f"{l / e:10.2f} {whole:11.2f}"
+        )
+    assert all(len(d) == ROUNDS - 1 for c in CASES for d in timings[c]["per_round"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_whole_run(benchmark, case):
+    """pytest-benchmark's own table of whole runs (fixed costs included)."""
+    task = fathom_tune.tasks.digits()
+    benchmark.group = f"digits, {ROUNDS} rounds, whole run"
+    with tempfile.TemporaryDirectory() as folder:
+        counter = iter(range(100))
+        benchmark.pedantic(lambda: _one(case, task, folder, next(counter)), rounds=2, warmup_rounds=1)
