@@ -18,7 +18,6 @@ journal file or any Optuna storage continues exactly where it stopped.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import numbers
@@ -145,9 +144,8 @@ class FathomSampler(BaseSampler):
 
     Since ``p_{t+1}`` depends on ``p_t``, ``H_t`` and ``G_t`` only, this equals
     running the EGN recursion over all completed rounds in order. The sampler
-    keeps the decision of the trials it has seen (finished trials never
-    change) and checks it against the storage's count of finished trials, so
-    a suggestion reads no trial unless another writer changed the study.
+    keeps the decision of the trials it has read (finished trials never
+    change) and reads only trials that are new or were not finished then.
     Running trials are ignored: FATHOM is sequential, concurrent asks get the
     same suggestion.
 
@@ -204,10 +202,9 @@ class FathomSampler(BaseSampler):
         bounds.check(init, what="FathomSampler init")
         self._config = dataclasses.replace(config, init=init, bounds=bounds)
         self._independent = RandomSampler(seed=seed)
-        # Per study: (finished trials seen, the decision they give, the deciding trial's
-        # number), and the decision of the round told last (applied once it is stored).
-        self._memo: dict[tuple[int, int], tuple[int, HParams | None, int]] = {}
-        self._told: dict[tuple[int, int], tuple[int, int, HParams | None]] = {}
+        # Per study: (trials read, the numbers of those not finished then, the decision
+        # of the finished ones, the deciding trial's number).
+        self._memo: dict[tuple[int, int], tuple[int, tuple[int, ...], HParams | None, int]] = {}
         lower, upper = bounds.lower, bounds.upper
         self._search_space = {
             n: FloatDistribution(getattr(lower, n), getattr(upper, n), log=True) for n in NAMES
@@ -235,36 +232,28 @@ class FathomSampler(BaseSampler):
     def next_hparams(self, study: optuna.Study) -> HParams:
         """The hyperparameters the next round gets, derived from ``study``'s trials.
 
-        Finished trials never change, so the sampler keeps the decision they
-        give and reads no trial again while the storage's count of finished
-        trials says nothing else finished; a round told through this sampler
-        updates it in O(1). Any other change (another process's rounds, an
-        added trial) is noticed by the count and read in full.
+        Finished trials never change, so the sampler keeps the decision of
+        those it has read and reads only the trials added since, and those that
+        were not finished then: O(1) trials per round of a sequential loop,
+        whoever writes them (another process, ``study.add_trial``).
         """
         storage, study_id = study._storage, study._study_id
         key = (id(storage), study_id)
-        finished = storage.get_n_trials(study_id, state=_FINISHED)
-        memo, told = self._memo.get(key), self._told.pop(key, None)
-        if memo is not None and finished == memo[0]:
-            return memo[1] or self._config.init
-        if memo is not None and told is not None and finished == memo[0] + 1:
-            trial_id, number, decision = told
-            if storage.get_trial(trial_id).state.is_finished():
-                if decision is not None and number > memo[2]:
-                    memo = (finished, decision, number)
-                else:
-                    memo = (finished, memo[1], memo[2])
-                self._memo[key] = memo
-                return memo[1] or self._config.init
-        trials = study.get_trials(deepcopy=False, states=_FINISHED)
-        memo = (len(trials), None, -1)
-        for trial in sorted(trials, key=lambda t: t.number, reverse=True):
+        trials = storage.get_all_trials(study_id, deepcopy=False)  # in number order
+        seen, open_, decision, number = self._memo.get(key, (0, (), None, -1))
+        if seen > len(trials) or any(trials[n].number != n for n in (0, len(trials) - 1) if trials):
+            seen, open_, decision, number = 0, (), None, -1  # not the study it was: read it whole
+        fresh = [trials[n] for n in open_] + trials[seen:]
+        still_open = tuple(t.number for t in fresh if not t.state.is_finished())
+        for trial in sorted((t for t in fresh if t.state in _FINISHED), key=lambda t: t.number, reverse=True):
+            if trial.number < number:
+                break
             following = self.following(trial)
             if following is not None:
-                memo = (len(trials), following, trial.number)
+                decision, number = following, trial.number
                 break
-        self._memo[key] = memo
-        return memo[1] or self._config.init
+        self._memo[key] = (len(trials), still_open, decision, number)
+        return decision or self._config.init
 
     def following(self, trial: FrozenTrial) -> HParams | None:
         """The hyperparameters of the round after the finished round ``trial``, or ``None``
@@ -338,14 +327,10 @@ class FathomSampler(BaseSampler):
         values: Sequence[float] | None,
     ) -> None:
         self._independent.after_trial(study, trial, state, values)
-        key = (id(study._storage), study._study_id)
-        self._told.pop(key, None)
         if state != TrialState.COMPLETE or trial.user_attrs.get(DIVERGED_ATTR) is True:
-            self._tell(key, trial, state)
             return
         present = [n for n in NAMES if n in trial.params]
         if not present:
-            self._tell(key, trial, state)
             return
         if len(present) < len(NAMES):
             problem = (
@@ -355,20 +340,13 @@ class FathomSampler(BaseSampler):
         else:
             problem = _round_problem(trial)
         if problem is None:
-            self._tell(key, trial, state)
             return
-        self._told[key] = (trial._trial_id, trial.number, None)  # rejected: it decides nothing
         study._storage.set_trial_system_attr(trial._trial_id, REJECTED_ATTR, problem)
         raise ValueError(
             f"FathomSampler: {problem} Optuna stores the trial as COMPLETE regardless; "
             f"the sampler marks it {REJECTED_ATTR!r} and skips it, so the next round repeats "
             "its hyperparameters."
         )
-
-    def _tell(self, key, trial: FrozenTrial, state: TrialState) -> None:
-        told = copy.copy(trial)
-        told.state = state
-        self._told[key] = (trial._trial_id, trial.number, self.following(told))
 
     def reseed_rng(self) -> None:
         self._independent.reseed_rng()
