@@ -31,7 +31,7 @@ from optuna.distributions import distribution_to_json
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import FrozenTrial
 
-__all__ = ["Writes", "add_trials"]
+__all__ = ["Writes", "add_trials", "set_study_attrs"]
 
 
 def add_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
@@ -50,8 +50,7 @@ def add_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
     if not trials:
         return
     storage = study._storage
-    backend = getattr(storage, "_backend", None)  # Optuna's cache in front of an RDBStorage
-    rdb = storage if isinstance(storage, RDBStorage) else backend if isinstance(backend, RDBStorage) else None
+    rdb = _rdb_of(storage)
     if rdb is not None:
         _rdb_insert(rdb, study._study_id, trials)
     elif isinstance(storage, JournalStorage) and hasattr(storage._backend, "append_logs") and not hasattr(
@@ -63,7 +62,35 @@ def add_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
             storage.create_new_trial(study._study_id, template_trial=t)
 
 
+def set_study_attrs(study: optuna.Study, attrs: dict) -> None:
+    """Sets the study's user attrs ``attrs`` (as ``study.set_user_attr`` each), in one
+    transaction on an RDB storage."""
+    rdb = _rdb_of(study._storage)
+    if rdb is None:
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(rdb.scoped_session) as session:
+        owner = models.StudyModel.find_or_raise_by_id(study._study_id, session)
+        for key, value in attrs.items():
+            attribute = models.StudyUserAttributeModel.find_by_study_and_key(owner, key, session)
+            if attribute is None:
+                session.add(models.StudyUserAttributeModel(study_id=owner.study_id, key=key, value_json=json.dumps(value)))
+            else:
+                attribute.value_json = json.dumps(value)
+
+
 # ------------------------------------------------------------------------- RDB
+def _rdb_of(storage) -> RDBStorage | None:
+    if isinstance(storage, RDBStorage):
+        return storage
+    backend = getattr(storage, "_backend", None)  # Optuna's cache in front of an RDBStorage
+    return backend if isinstance(backend, RDBStorage) else None
+
+
 def _utc(moment: datetime.datetime | None) -> datetime.datetime | None:
     # Optuna's trial table holds naive UTC (see its TrialModel.datetime_start setter).
     return None if moment is None else moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)

@@ -159,10 +159,10 @@ def study_name(task_name: str, tuner: str, seed: int) -> str:
 
 # -------------------------------------------------------------------- writers
 def _set_attrs(study: optuna.Study, attrs: dict) -> None:
+    from fathom_tune._batch import set_study_attrs
+
     current = study.user_attrs
-    for key, value in attrs.items():
-        if current.get(key) != value:
-            study.set_user_attr(key, value)
+    set_study_attrs(study, {key: value for key, value in attrs.items() if current.get(key) != value})
 
 
 def write_header(

@@ -244,3 +244,22 @@ def test_flush_seconds_is_validated():
         fathom_tune.optimize(toy_task(), num_rounds=2, flush_seconds=-1)
     with pytest.raises(TypeError, match="flush_seconds"):
         fathom_tune.optimize(toy_task(), num_rounds=2, flush_seconds="1")
+
+
+@pytest.mark.parametrize("kind", ["memory", "journal", "sqlite", "sqlite-cached"])
+def test_study_attrs_are_set_in_one_transaction(tmp_path, kind):
+    from fathom_tune._batch import set_study_attrs
+
+    storage = _storage(kind, tmp_path / "s")
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.set_user_attr("kept", 1)
+    study.set_user_attr("changed", {"a": 1})
+    commits = []
+    engine = getattr(getattr(storage, "_backend", storage), "engine", None)
+    if engine is not None:
+        sqlalchemy.event.listen(engine, "commit", lambda conn: commits.append(1))
+    set_study_attrs(study, {"changed": {"a": [2, 3]}, "new": None, "text": "x"})
+    if engine is not None:
+        assert len(commits) == 1
+    again = optuna.load_study(study_name="s", storage=storage)
+    assert again.user_attrs == {"kept": 1, "changed": {"a": [2, 3]}, "new": None, "text": "x"}
