@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL server for tests, and a way to run ``_jobs.py`` jobs that signal their stall.
+"""A throwaway PostgreSQL server for tests, and ``_jobs.py`` jobs that signal their stall.
 
 :func:`server` runs ``initdb`` into a fresh temporary directory and starts the
 server with ``pg_ctl`` on 127.0.0.1 at a free port (its Unix socket inside that
@@ -31,11 +31,11 @@ import time
 
 HERE = pathlib.Path(__file__).parent
 USER = "postgres"
-"""The database superuser the tests connect as (and, when root, the system user that runs the server)."""
+"""The database superuser the tests connect as; when root, also the system user of the server."""
 
 
 class Unavailable(Exception):
-    """No server: the binaries are absent, or the server could not start (the message says which)."""
+    """No server: the binaries are absent or the server could not start (the message says which)."""
 
 
 def _version(path: pathlib.Path) -> tuple:
@@ -46,7 +46,9 @@ def find_bindir() -> pathlib.Path | None:
     """The directory holding ``initdb``, ``pg_ctl`` and ``postgres``, or None."""
     candidates = []
     try:
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["pg_config", "--bindir"], check=False, capture_output=True, text=True, timeout=30
+        )
         if out.returncode == 0 and out.stdout.strip():
             candidates.append(pathlib.Path(out.stdout.strip()))
     except (OSError, subprocess.SubprocessError):
@@ -75,6 +77,7 @@ class _Server:
         prefix = ["runuser", "-u", self.as_user, "--"] if self.as_user else []
         return subprocess.run(
             [*prefix, str(self.bindir / args[0]), *args[1:]],
+            check=False,
             cwd=self.root,  # a directory the server's user may enter
             capture_output=True,
             text=True,
@@ -88,14 +91,24 @@ class _Server:
             return ""
 
     def init(self) -> None:
-        out = self._run("initdb", "-D", str(self.data), "-U", USER, "-E", "UTF8", "--locale=C",
-                        "--auth=trust", "--no-sync")
-        if out.returncode != 0:
-            raise Unavailable(f"initdb failed (exit {out.returncode}): {(out.stdout + out.stderr)[-1500:]}")
-        # TCP from 127.0.0.1 only; the socket directory is the server user's own.
-        (self.data / "pg_hba.conf").write_text(
-            "host all all 127.0.0.1/32 trust\n"
+        out = self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            USER,
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--auth=trust",
+            "--no-sync",
         )
+        if out.returncode != 0:
+            raise Unavailable(
+                f"initdb failed (exit {out.returncode}): {(out.stdout + out.stderr)[-1500:]}"
+            )
+        # TCP from 127.0.0.1 only; the socket directory is the server user's own.
+        (self.data / "pg_hba.conf").write_text("host all all 127.0.0.1/32 trust\n")
 
     def start(self) -> None:
         errors = []
@@ -106,11 +119,15 @@ class _Server:
                     f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
                     f"unix_socket_directories = '{self.root}'\n"
                 )
-            out = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
+            out = self._run(
+                "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start"
+            )
             if out.returncode == 0:
                 return
-            errors.append(f"pg_ctl start (exit {out.returncode}): {(out.stdout + out.stderr)[-500:]}"
-                          f" server log: {self._log_tail()}")
+            errors.append(
+                f"pg_ctl start (exit {out.returncode}): {(out.stdout + out.stderr)[-500:]}"
+                f" server log: {self._log_tail()}"
+            )
             self.stop()
         raise Unavailable("; ".join(errors))
 
@@ -162,9 +179,13 @@ def server():
                 "system user to run it as (PostgreSQL refuses to run as root)"
             ) from None
         if shutil.which("runuser") is None:
-            raise Unavailable("PostgreSQL server could not start: running as root without `runuser`")
+            raise Unavailable(
+                "PostgreSQL server could not start: running as root without `runuser`"
+            )
         as_user = USER
-    root = pathlib.Path(tempfile.mkdtemp(prefix="fathom-pg-"))  # in /tmp: the server user can reach it
+    root = pathlib.Path(
+        tempfile.mkdtemp(prefix="fathom-pg-")
+    )  # in /tmp: the server user can reach it
     srv = _Server(bindir, root, as_user)
     started = False
     try:
@@ -207,7 +228,9 @@ def wait_until(predicate, proc: subprocess.Popen, timeout: float = 300.0) -> Non
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"job ended before the kill: {proc.stdout.read().decode()[-3000:]}")
+            raise AssertionError(
+                f"job ended before the kill: {proc.stdout.read().decode()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError("job made no progress in time")

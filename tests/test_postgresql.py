@@ -91,12 +91,29 @@ def _contents(url: str, name: str = NAME):
 
 def _check_same_record(a: record.RunRecord, b: record.RunRecord, check_dtype: bool = True) -> None:
     """Two run records hold the same numbers (wall times aside; columns in any order)."""
-    for field in ("task", "tuner", "seed", "unit", "target", "rounds_per_run", "budget_rounds",
-                  "budget_examples", "config", "hparams", "validation", "test"):
+    for field in (
+        "task",
+        "tuner",
+        "seed",
+        "unit",
+        "target",
+        "rounds_per_run",
+        "budget_rounds",
+        "budget_examples",
+        "config",
+        "hparams",
+        "validation",
+        "test",
+    ):
         assert getattr(a, field) == getattr(b, field), field
     assert dataclasses.replace(a.ledger, seconds=0.0) == dataclasses.replace(b.ledger, seconds=0.0)
-    pd.testing.assert_frame_equal(a.steps.drop(columns="seconds"), b.steps.drop(columns="seconds"),
-                                  check_exact=True, check_like=True, check_dtype=check_dtype)
+    pd.testing.assert_frame_equal(
+        a.steps.drop(columns="seconds"),
+        b.steps.drop(columns="seconds"),
+        check_exact=True,
+        check_like=True,
+        check_dtype=check_dtype,
+    )
     pd.testing.assert_frame_equal(a.evaluations, b.evaluations, check_exact=True, check_like=True)
 
 
@@ -105,8 +122,9 @@ TASK = toy_task()
 
 
 def _run_fathom(url: str, checkpoint):
-    return fathom_tune.optimize(TASK, num_rounds=ROUNDS, eval_every=2, storage=url,
-                                checkpoint=checkpoint, progress=False)
+    return fathom_tune.optimize(
+        TASK, num_rounds=ROUNDS, eval_every=2, storage=url, checkpoint=checkpoint, progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -142,16 +160,21 @@ def test_fathom_run_on_postgresql_records_what_it_records_on_sqlite(fathom_pg, t
     history = pg.history
     examples = 0
     for t, row in zip(trials, history.itertuples()):
-        assert t["params"] == {n: getattr(row, n) for n in ("learning_rate", "local_epochs", "batch_size")}
-        assert t["user_attrs"][record.FATHOM_G] == row.G and t["user_attrs"][record.FATHOM_H] == row.H
+        assert t["params"] == {
+            n: getattr(row, n) for n in ("learning_rate", "local_epochs", "batch_size")
+        }
+        assert (
+            t["user_attrs"][record.FATHOM_G] == row.G and t["user_attrs"][record.FATHOM_H] == row.H
+        )
         examples += t["user_attrs"][record.COST]["examples"]
         assert (t["user_attrs"][record.LOCAL_STEPS], examples) == (row.local_steps, row.examples)
     assert [len(t["user_attrs"][record.EVALS]) for t in trials] == [r % 2 for r in range(ROUNDS)]
     # Bit for bit what the same run records on SQLite.
     assert (head, trials) == _contents(sqlite)
     assert all(flat(pg.params) == flat(lite.params))
-    pd.testing.assert_frame_equal(history.drop(columns="seconds"), lite.history.drop(columns="seconds"),
-                                  check_exact=True)
+    pd.testing.assert_frame_equal(
+        history.drop(columns="seconds"), lite.history.drop(columns="seconds"), check_exact=True
+    )
     # The record reader gives the same numbers from either storage, and the run's own.
     study = optuna.load_study(study_name=NAME, storage=url)
     run = record.read_run(study)
@@ -164,7 +187,8 @@ def test_sigkilled_fathom_run_on_postgresql_resumes_to_the_uninterrupted_result(
     postgres, fathom_pg, tmp_path
 ):
     ref_url, ref, _ = fathom_pg
-    url = postgres.create_database("fathom_killed")
+    # The URL as the README gives it: SQLAlchemy's default PostgreSQL driver (psycopg2).
+    url = postgres.create_database("fathom_killed").replace("postgresql+psycopg2://", "postgresql://")
     ckpt, marker = tmp_path / "run.npz", tmp_path / "stalled"
     proc = start_job(marker, "fathom", _with_password(url), ckpt, ROUNDS, 1)  # hangs inside round 5
     wait_until(marker.exists, proc)
@@ -178,9 +202,14 @@ def test_sigkilled_fathom_run_on_postgresql_resumes_to_the_uninterrupted_result(
 
     resumed = _run_fathom(_with_password(url), ckpt)
     assert all(flat(resumed.params) == flat(ref.params))
-    pd.testing.assert_frame_equal(resumed.history.drop(columns="seconds"),
-                                  ref.history.drop(columns="seconds"), check_exact=True)
-    assert dataclasses.replace(resumed.cost, seconds=0.0) == dataclasses.replace(ref.cost, seconds=0.0)
+    pd.testing.assert_frame_equal(
+        resumed.history.drop(columns="seconds"),
+        ref.history.drop(columns="seconds"),
+        check_exact=True,
+    )
+    assert dataclasses.replace(resumed.cost, seconds=0.0) == dataclasses.replace(
+        ref.cost, seconds=0.0
+    )
     head, after = _contents(url)
     ref_head, ref_trials = _contents(ref_url)
     assert head == ref_head
@@ -199,7 +228,10 @@ def test_sigkilled_fathom_run_on_postgresql_resumes_to_the_uninterrupted_result(
     # The record reader skips the stale rounds: their rows aside, it reads the uninterrupted run.
     run = record.read_run(optuna.load_study(study_name=NAME, storage=url))
     stale_rows = run.steps["number"].isin([t["number"] for t in stale])
-    assert run.steps.loc[stale_rows, "stale"].eq(True).all() and run.steps.loc[stale_rows, "rounds"].eq(0).all()
+    assert (
+        run.steps.loc[stale_rows, "stale"].eq(True).all()
+        and run.steps.loc[stale_rows, "rounds"].eq(0).all()
+    )
     run = dataclasses.replace(
         run,
         steps=run.steps[~stale_rows].drop(columns=["number", "stale"]).reset_index(drop=True),
@@ -207,7 +239,9 @@ def test_sigkilled_fathom_run_on_postgresql_resumes_to_the_uninterrupted_result(
     )
     ref_run = record.read_run(optuna.load_study(study_name=NAME, storage=ref_url))
     ref_run = dataclasses.replace(
-        ref_run, steps=ref_run.steps.drop(columns="number"), evaluations=ref_run.evaluations.drop(columns="number")
+        ref_run,
+        steps=ref_run.steps.drop(columns="number"),
+        evaluations=ref_run.evaluations.drop(columns="number"),
     )
     _check_same_record(run, ref_run, check_dtype=False)  # a stale row made local_steps float
 
@@ -222,25 +256,45 @@ def _trials(url: str, name: str):
         storage.engine.dispose()
 
 
+BASELINE_TASK = short_toy()
+"""The task of the jobs' baseline workers; the runs in this process share its compiled programs."""
+
+
 def test_two_baseline_workers_on_postgresql_one_sigkilled_and_retried(postgres, tmp_path):
     url, name = postgres.create_database("baselines"), "toy/random/seed0"
     ckdir, marker, budget = tmp_path / "ck", tmp_path / "stalled", 8 * 6
     ckdir.mkdir()
-    # Worker 0 hangs right after its first trial's first checkpoint (round 4 of 8).
+    # Worker 0 hangs right after its first trial's first checkpoint (round 4 of 8). Worker 1
+    # starts once that trial exists (so that it cannot take the whole budget first) and
+    # finishes a trial while worker 0 is alive and holds its own.
     victim = start_job(marker, "baseline", url, ckdir, 0, budget, 1)
-    wait_until(marker.exists, victim)
+    wait_until(lambda: _trials(url, name), victim)
     other = start_job(None, "baseline", url, ckdir, 1, budget, 0)
-    # Worker 1 finishes a trial while worker 0 is alive and holds its own.
+    wait_until(marker.exists, victim)
     wait_until(lambda: any(t.state == TrialState.COMPLETE for t in _trials(url, name)), other)
-    (killed,) = [t for t in _trials(url, name) if t.state == TrialState.RUNNING
-                 and t.user_attrs.get(record.WORKER) == 0]
+    (killed,) = [
+        t
+        for t in _trials(url, name)
+        if t.state == TrialState.RUNNING and t.user_attrs.get(record.WORKER) == 0
+    ]
     assert sorted(killed.intermediate_values) == [4]
     kill(victim)
-    finished_before = {t.number: t.value for t in _trials(url, name) if t.state == TrialState.COMPLETE}
+    finished_before = {
+        t.number: t.value for t in _trials(url, name) if t.state == TrialState.COMPLETE
+    }
     time.sleep(3.5)  # past the heartbeat's 3 s grace: the next worker to look retries the trial
     # Worker 0 again, in this process, beside worker 1.
-    baselines.run(short_toy(), "random", space=SPACE, budget_rounds=budget, storage=url, worker=0,
-                  checkpoint_dir=ckdir, heartbeat=(1, 3), progress=False)
+    baselines.run(
+        BASELINE_TASK,
+        "random",
+        space=SPACE,
+        budget_rounds=budget,
+        storage=url,
+        worker=0,
+        checkpoint_dir=ckdir,
+        heartbeat=(1, 3),
+        progress=False,
+    )
     out, _ = other.communicate(timeout=300)
     assert other.returncode == 0, out.decode()[-3000:]
 
@@ -260,7 +314,9 @@ def test_two_baseline_workers_on_postgresql_one_sigkilled_and_retried(postgres, 
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     refused = [t for t in trials if record.NOT_RUN in t.user_attrs]
     assert sorted(t.number for t in done + refused) == sorted(set(by_number) - {killed.number})
-    assert all(record.step_cost(t) == fathom_tune.Cost() for t in refused + [by_number[killed.number]])
+    assert all(
+        record.step_cost(t) == fathom_tune.Cost() for t in refused + [by_number[killed.number]]
+    )
     # The full budget, each run once: no origin completed twice, the ledger exact.
     assert len(done) == budget // 8
     origins = [origin(t) for t in done]
@@ -272,7 +328,7 @@ def test_two_baseline_workers_on_postgresql_one_sigkilled_and_retried(postgres, 
     # Each run, the retried one included, ended where an uninterrupted run with its
     # hyperparameters ends.
     for t in done:
-        ref = fedavg(short_toy(), fathom_tune.HParams(**t.params), seed=0)
+        ref = fedavg(BASELINE_TASK, fathom_tune.HParams(**t.params), seed=0)
         assert t.value == pytest.approx(ref.validation_metrics["accuracy"], abs=1e-6), t.number
         assert record.step_cost(t).rounds == 8 and record.step_cost(t).examples == ref.cost.examples
         assert sorted(t.intermediate_values) == [4, 8]
