@@ -187,7 +187,7 @@ def test_sigkilled_fathom_run_on_postgresql_resumes_to_the_uninterrupted_result(
     postgres, fathom_pg, tmp_path
 ):
     ref_url, ref, _ = fathom_pg
-    # The URL as the README gives it: SQLAlchemy's default PostgreSQL driver (psycopg2).
+    # The URL as the README gives it: SQLAlchemy's default driver (psycopg 3 from SQLAlchemy 2.1).
     url = postgres.create_database("fathom_killed").replace("postgresql+psycopg2://", "postgresql://")
     ckpt, marker = tmp_path / "run.npz", tmp_path / "stalled"
     proc = start_job(marker, "fathom", _with_password(url), ckpt, ROUNDS, 1)  # hangs inside round 5
