@@ -264,6 +264,9 @@ def test_two_baseline_workers_on_postgresql_one_sigkilled_and_retried(postgres, 
     url, name = postgres.create_database("baselines"), "toy/random/seed0"
     ckdir, marker, budget = tmp_path / "ck", tmp_path / "stalled", 8 * 6
     ckdir.mkdir()
+    # Optuna's tables first: processes that create them at one moment on a fresh
+    # PostgreSQL database collide (a UniqueViolation on the enum type studydirection).
+    optuna.storages.RDBStorage(url).engine.dispose()
     # Worker 0 hangs right after its first trial's first checkpoint (round 4 of 8). Worker 1
     # starts once that trial exists (so that it cannot take the whole budget first) and
     # finishes a trial while worker 0 is alive and holds its own.
@@ -324,7 +327,7 @@ def test_two_baseline_workers_on_postgresql_one_sigkilled_and_retried(postgres, 
     run = record.read_run(study)
     spent = sum((record.step_cost(t) for t in trials), fathom_tune.Cost())
     assert dataclasses.replace(run.ledger, seconds=0.0) == dataclasses.replace(spent, seconds=0.0)
-    assert run.ledger.rounds == budget
+    assert run.ledger.rounds == run.budget_rounds == budget
     # Each run, the retried one included, ended where an uninterrupted run with its
     # hyperparameters ends.
     for t in done:
