@@ -188,11 +188,14 @@ def test_sigkilled_fathom_run_on_postgresql_resumes_to_the_uninterrupted_result(
 ):
     ref_url, ref, _ = fathom_pg
     # The URL as the README gives it: SQLAlchemy's default driver (psycopg 3 from SQLAlchemy 2.1).
-    url = postgres.create_database("fathom_killed").replace("postgresql+psycopg2://", "postgresql://")
+    url = postgres.create_database("fathom_killed").replace(
+        "postgresql+psycopg2://", "postgresql://"
+    )
     ckpt, marker = tmp_path / "run.npz", tmp_path / "stalled"
     proc = start_job(marker, "fathom", _with_password(url), ckpt, ROUNDS, 1)  # hangs inside round 5
     wait_until(marker.exists, proc)
     kill(proc)
+    assert SECRET not in proc.stdout.read().decode()
     _, before = _contents(url)
     done = [t for t in before if t["state"] == TrialState.COMPLETE]
     running = [t for t in before if t["state"] == TrialState.RUNNING]
@@ -234,7 +237,9 @@ def test_sigkilled_fathom_run_on_postgresql_resumes_to_the_uninterrupted_result(
     )
     run = dataclasses.replace(
         run,
-        steps=run.steps[~stale_rows].drop(columns=["number", "stale"]).reset_index(drop=True),
+        steps=run.steps[~stale_rows]
+        .drop(columns=["number", "stale"], errors="ignore")
+        .reset_index(drop=True),
         evaluations=run.evaluations.drop(columns="number"),
     )
     ref_run = record.read_run(optuna.load_study(study_name=NAME, storage=ref_url))
@@ -243,7 +248,7 @@ def test_sigkilled_fathom_run_on_postgresql_resumes_to_the_uninterrupted_result(
         steps=ref_run.steps.drop(columns="number"),
         evaluations=ref_run.evaluations.drop(columns="number"),
     )
-    _check_same_record(run, ref_run, check_dtype=False)  # a stale row made local_steps float
+    _check_same_record(run, ref_run, check_dtype=False)  # stale rows make int columns float
 
 
 def _trials(url: str, name: str):
