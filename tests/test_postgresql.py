@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import io
 import logging
+import threading
 import time
 
 import optuna
@@ -265,6 +266,21 @@ BASELINE_TASK = short_toy()
 """The task of the jobs' baseline workers; the runs in this process share its compiled programs."""
 
 
+def _worker(url, ckdir, budget: int, worker: int):
+    """A baseline worker as ``_jobs.py baseline`` runs it, in this process."""
+    return baselines.run(
+        BASELINE_TASK,
+        "random",
+        space=SPACE,
+        budget_rounds=budget,
+        storage=url,
+        worker=worker,
+        checkpoint_dir=ckdir,
+        heartbeat=(1, 3),
+        progress=False,
+    )
+
+
 def test_two_baseline_workers_on_postgresql_one_sigkilled_and_retried(postgres, tmp_path):
     url, name = postgres.create_database("baselines"), "toy/random/seed0"
     ckdir, marker, budget = tmp_path / "ck", tmp_path / "stalled", 8 * 6
@@ -272,39 +288,50 @@ def test_two_baseline_workers_on_postgresql_one_sigkilled_and_retried(postgres, 
     # Optuna's tables first: processes that create them at one moment on a fresh
     # PostgreSQL database collide (a UniqueViolation on the enum type studydirection).
     optuna.storages.RDBStorage(url).engine.dispose()
-    # Worker 0 hangs right after its first trial's first checkpoint (round 4 of 8). Worker 1
-    # starts once that trial exists (so that it cannot take the whole budget first) and
-    # finishes a trial while worker 0 is alive and holds its own.
+    # Worker 0, in a child process, hangs right after its first trial's first checkpoint
+    # (round 4 of 8). Worker 1 runs in this process once that trial exists (so that it
+    # cannot take the whole budget first); worker 0 is SIGKILLed when it hangs and worker 1
+    # has finished a trial beside it.
     victim = start_job(marker, "baseline", url, ckdir, 0, budget, 1)
     wait_until(lambda: _trials(url, name), victim)
-    other = start_job(None, "baseline", url, ckdir, 1, budget, 0)
-    wait_until(marker.exists, victim)
-    wait_until(lambda: any(t.state == TrialState.COMPLETE for t in _trials(url, name)), other)
+    seen = {}
+
+    def kill_when_stalled():
+        try:
+            wait_until(
+                lambda: (
+                    marker.exists()
+                    and any(t.state == TrialState.COMPLETE for t in _trials(url, name))
+                ),
+                victim,
+            )
+            seen["trials"] = _trials(url, name)
+            kill(victim)
+            seen["at"] = time.monotonic()
+        except BaseException as exc:  # noqa: BLE001 - raised again in the test's thread
+            seen["error"] = exc
+
+    killer = threading.Thread(target=kill_when_stalled, daemon=True)
+    killer.start()
+    try:
+        _worker(url, ckdir, budget, worker=1)
+        killer.join(timeout=360)
+    finally:
+        if victim.poll() is None and "at" not in seen:  # worker 1 failed, or no stall came
+            victim.kill()
+    if "error" in seen:
+        raise seen["error"]
     (killed,) = [
         t
-        for t in _trials(url, name)
+        for t in seen["trials"]
         if t.state == TrialState.RUNNING and t.user_attrs.get(record.WORKER) == 0
     ]
     assert sorted(killed.intermediate_values) == [4]
-    kill(victim)
-    finished_before = {
-        t.number: t.value for t in _trials(url, name) if t.state == TrialState.COMPLETE
-    }
-    time.sleep(3.5)  # past the heartbeat's 3 s grace: the next worker to look retries the trial
-    # Worker 0 again, in this process, beside worker 1.
-    baselines.run(
-        BASELINE_TASK,
-        "random",
-        space=SPACE,
-        budget_rounds=budget,
-        storage=url,
-        worker=0,
-        checkpoint_dir=ckdir,
-        heartbeat=(1, 3),
-        progress=False,
-    )
-    out, _ = other.communicate(timeout=300)
-    assert other.returncode == 0, out.decode()[-3000:]
+    finished_before = {t.number: t.value for t in seen["trials"] if t.state == TrialState.COMPLETE}
+    # Worker 0 again, past the heartbeat's 3 s grace: it retries the killed trial if
+    # worker 1 has not.
+    time.sleep(max(0.0, seen["at"] + 3.5 - time.monotonic()))
+    _worker(url, ckdir, budget, worker=0)
 
     study = optuna.load_study(study_name=name, storage=url)
     trials = study.trials
