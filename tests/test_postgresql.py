@@ -361,10 +361,14 @@ def test_two_baseline_workers_on_postgresql_one_sigkilled_and_retried(postgres, 
     assert dataclasses.replace(run.ledger, seconds=0.0) == dataclasses.replace(spent, seconds=0.0)
     assert run.ledger.rounds == run.budget_rounds == budget
     # Each run, the retried one included, ended where an uninterrupted run with its
-    # hyperparameters ends.
+    # hyperparameters ends: exactly, as PostgreSQL keeps the values as doubles; the retry,
+    # which continued a checkpoint of the killed process, as the SQLite test checks it.
     for t in done:
         ref = fedavg(BASELINE_TASK, fathom_tune.HParams(**t.params), seed=0)
-        assert t.value == pytest.approx(ref.validation_metrics["accuracy"], abs=1e-6), t.number
+        if t.number == retry.number:
+            assert t.value == pytest.approx(ref.validation_metrics["accuracy"], abs=1e-6)
+        else:
+            assert t.value == ref.validation_metrics["accuracy"], t.number
         assert record.step_cost(t).rounds == 8 and record.step_cost(t).examples == ref.cost.examples
         assert sorted(t.intermediate_values) == [4, 8]
     # The choice is recorded, and only its checkpoint is kept.
