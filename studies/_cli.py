@@ -25,20 +25,28 @@ TASKS = ("digits", "shakespeare", "synthetic")
 URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # what fathom_tune.open_storage takes for a URL
 
 
-def dashboard_command(storage: str) -> str:
+def dashboard_command(storage: str, artifact_dir=None) -> str:
     """The command that shows ``storage`` in optuna-dashboard, bound to localhost only.
 
     The dashboard installed next to this Python (a virtualenv's ``bin``) is named by
     its path, relative when it lies below the working directory, so the command
-    works as printed without activating the virtualenv.
+    works as printed without activating the virtualenv. ``artifact_dir``: the
+    file-system artifact store holding the report's figures
+    (:mod:`studies.dashboard`), passed as ``--artifact-dir``.
 
     >>> dashboard_command("postgresql://bob:secret@db/optuna").endswith(
     ...     "optuna-dashboard --host 127.0.0.1 postgresql://bob:***@db/optuna")
     True
+    >>> dashboard_command("sqlite:///reports/compare.db", "reports/artifacts").endswith(
+    ...     "optuna-dashboard --host 127.0.0.1 --artifact-dir reports/artifacts sqlite:///reports/compare.db")
+    True
     """
+    import shlex
+
     from fathom_tune.storage import mask_url
 
-    return f"{_dashboard_executable()} --host 127.0.0.1 {mask_url(storage)}"
+    artifacts = "" if artifact_dir is None else f" --artifact-dir {shlex.quote(str(artifact_dir))}"
+    return f"{_dashboard_executable()} --host 127.0.0.1{artifacts} {mask_url(storage)}"
 
 
 def _dashboard_executable() -> str:

@@ -15,9 +15,14 @@ tuner that adapts during one run, such as FATHOM, spends one run of it. Every st
 ``<task>/<tuner>/seed<k>`` (default storage: ``sqlite:///<out>/compare.db``),
 and the report ``<out>/<task>/report.md`` (+ ``report.html``, CSV and
 markdown tables, PNG figures) is built from that storage alone
-(:func:`studies.report.build_report`). See every study with
-``optuna-dashboard --host 127.0.0.1 <storage URL>`` (the command is printed
-at the end, the password of the URL masked).
+(:func:`studies.report.build_report`). Each run also gets a companion study
+``<task>/<tuner>/seed<k>/val_<metric> (trial n: <g>n rounds)``: its validation
+metric against cumulative communication rounds, one grid for every tuner, so
+the dashboard's compare page shows the runs like with like; the report's
+summary and figures are attached to every study (dashboard note, artifacts
+in ``<out>/artifacts``; :mod:`studies.dashboard`). See every study with
+``optuna-dashboard --host 127.0.0.1 --artifact-dir <out>/artifacts <storage URL>``
+(the command is printed at the end, the password of the URL masked).
 
 Resuming: re-running the same command continues where it stopped. Runs
 checkpoint into ``<out>/checkpoints/``. A search study continues its tuning
@@ -277,6 +282,7 @@ def _compare(args, out_root: pathlib.Path, out_created: bool) -> int:
 
     import fathom_tune
     from fathom_tune.storage import mask_url
+    from studies.dashboard import publish
     from studies.report import build_report
 
     if args.storage.startswith(SQLITE):  # validated writable in parse_args
@@ -308,8 +314,16 @@ def _compare(args, out_root: pathlib.Path, out_created: bool) -> int:
             for tuner in args.tuners:
                 line = _run_tuner(tuner, storage, task, seed, args.budget_rounds, not args.no_progress, out_root)
                 print(line, flush=True)
-    report = build_report(args.storage, task.name, args.report_dir, tuners=args.tuners, seeds=args.seeds)
-    print(f"report: {report} ({time.perf_counter() - start:.0f} s); dashboard: {dashboard_command(args.storage)}")
+    artifacts = out_root / "artifacts"
+    report = build_report(
+        args.storage, task.name, args.report_dir, tuners=args.tuners, seeds=args.seeds, artifact_dir=artifacts
+    )
+    with interruptible():
+        publish(storage, task.name, args.report_dir, artifacts, tuners=args.tuners, seeds=args.seeds)
+    print(
+        f"report: {report} ({time.perf_counter() - start:.0f} s); "
+        f"dashboard: {dashboard_command(args.storage, artifacts)}"
+    )
     return 0
 
 

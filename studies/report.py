@@ -196,7 +196,9 @@ def _environment() -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["item", "value"])
 
 
-def build_report(storage, task_name: str, out_dir, *, tuners=None, seeds=None) -> pathlib.Path:
+def build_report(
+    storage, task_name: str, out_dir, *, tuners=None, seeds=None, artifact_dir=None
+) -> pathlib.Path:
     """Writes the comparison report of ``task_name`` from ``storage`` into ``out_dir``.
 
     Files: ``report.md`` and ``report.html``; ``summary.csv``/``summary.md``
@@ -211,6 +213,8 @@ def build_report(storage, task_name: str, out_dir, *, tuners=None, seeds=None) -
         out_dir: the output directory (created if absent).
         tuners: report only these tuners, in this order (default: all).
         seeds: report only these seeds (default: all).
+        artifact_dir: the artifact store the figures are attached to
+            (:mod:`studies.dashboard`), named in the printed dashboard command.
 
     Returns:
         The path of ``report.md``.
@@ -251,7 +255,7 @@ def build_report(storage, task_name: str, out_dir, *, tuners=None, seeds=None) -
     )
     doc.heading("Configuration")
     storage_text = mask_url(storage) if isinstance(storage, str) else type(storage).__name__
-    dashboard = dashboard_command(storage if isinstance(storage, str) else "<storage URL>")
+    dashboard = dashboard_command(storage if isinstance(storage, str) else "<storage URL>", artifact_dir)
     settings = {r.tuner: ", ".join(f"{k}={v}" for k, v in r.config.items()) for r in records}
     units = {r.tuner: r.unit for r in records}
     cfg = []

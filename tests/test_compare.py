@@ -112,7 +112,9 @@ def test_comparison_writes_report_from_storage(comparison):
     assert (report_dir / "report.html").read_text().count("<img") == 4
     storage = optuna.storages.get_storage(f"sqlite:///{out / 'compare.db'}")
     names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
-    assert names == ["digits/fathom/seed0", "digits/random/seed0", "digits/tpe+hyperband/seed0"]
+    runs = ["digits/fathom/seed0", "digits/random/seed0", "digits/tpe+hyperband/seed0"]
+    # each run and its companion study for the dashboard (studies.dashboard; evaluations every 5 rounds)
+    assert names == sorted([*runs, *(f"{r}/val_accuracy by 5 rounds" for r in runs)])
 
     seeds = pd.read_csv(report_dir / "per_seed.csv")
     summary = pd.read_csv(report_dir / "summary.csv").set_index("tuner")
