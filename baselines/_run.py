@@ -312,5 +312,6 @@ def _open_study(opened, task: Task, baseline: Baseline, seed: int, worker: int, 
         budget_rounds=budget.rounds,
         budget_examples=budget.examples,
         config=baseline.describe(),
+        objective=f"val_{task.target.metric}",  # each trial's final validation value
     )
     return study

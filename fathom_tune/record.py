@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import re
+import warnings
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -77,7 +78,9 @@ __all__ = [
     "load_runs",
     "mark_stale",
     "read_run",
+    "set_study_attrs",
     "step_cost",
+    "add_trials",
     "add_wall_time",
     "study_name",
     "write_header",
@@ -177,8 +180,13 @@ def write_header(
     budget_rounds: int,
     budget_examples: int | None = None,
     config: dict | None = None,
+    objective: str | None = None,
 ) -> None:
-    """Records what the study is; call before its first step (idempotent)."""
+    """Records what the study is; call before its first step (idempotent).
+
+    ``objective`` names what a trial's value is (``study.set_metric_names``;
+    optuna-dashboard labels its plots with it), e.g. ``"train_loss"``.
+    """
     from fathom_tune import __version__
 
     if unit not in UNITS:
@@ -200,6 +208,10 @@ def write_header(
             CONFIG: config or {},
         },
     )
+    if objective is not None and study.metric_names != [objective]:
+        with warnings.catch_warnings():  # experimental in Optuna 3.2-5.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([objective])
 
 
 def write_outcome(
@@ -289,5 +301,7 @@ def _plain(values: dict) -> dict:
     return {k: float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v for k, v in values.items()}
 
 
-# The typed reader lives in fathom_tune._reading and is re-exported here.
+# The typed reader lives in fathom_tune._reading, the batched writers in
+# fathom_tune._batch; both are re-exported here.
+from fathom_tune._batch import add_trials, set_study_attrs  # noqa: E402
 from fathom_tune._reading import RunRecord, load_runs, read_run  # noqa: E402

@@ -62,6 +62,7 @@ import optuna
 from optuna.distributions import IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from fathom_tune import record
 from fathom_tune.record import RunRecord, load_runs
 
 __all__ = [
@@ -274,9 +275,8 @@ def write_companions(storage, records: list[RunRecord]) -> list[str]:
         with warnings.catch_warnings():  # experimental in Optuna 3.2-5.0
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([f"val_{metric}"])
-        for key, value in attrs.items():
-            study.set_user_attr(key, value)
-        study.add_trials(want)
+        record.set_study_attrs(study, attrs)
+        record.add_trials(study, want)  # one transaction for the whole companion
         names.append(name)
     return names
 

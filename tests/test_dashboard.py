@@ -157,7 +157,10 @@ def test_dashboard_serves_fathom_rounds_and_baseline_intermediate_values(dashboa
             "local_epochs",
             "batch_size",
         }
+    # the run studies name their values too: a round's training loss, a run's validation accuracy
+    assert fathom["objective_names"] == ["train_loss"]
     random = json.loads(_get(f"{base}/api/studies/{studies[NAMES[1]]}?after=0")[1])
+    assert random["objective_names"] == ["val_accuracy"]
     assert all(t["intermediate_values"] for t in random["trials"])
 
 

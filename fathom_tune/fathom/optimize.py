@@ -350,6 +350,7 @@ class _Run:
             rounds_per_run=self.num_rounds,
             budget_rounds=self.num_rounds,
             config=config.settings(),
+            objective="train_loss",  # each round's trial holds its training loss
         )
         if tracker is None:
             tracker = ServerTracker.init(self.engine.init().params, alpha=config.alpha)

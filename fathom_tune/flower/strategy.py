@@ -262,6 +262,7 @@ class FathomFedAvg(FedAvg):
                 rounds_per_run=self._num_rounds,
                 budget_rounds=self._num_rounds,
                 config={**self.sampler.config.settings(), "eval_every": self.eval_every},
+                objective="train_loss",
             )
             self._evaluate_fn = evaluate_fn
             if self._done < self._num_rounds:
