@@ -5,6 +5,7 @@ One storage is the record of every tuner (see :mod:`fathom_tune.record`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
@@ -82,9 +83,37 @@ def _open_rdb(url: str, heartbeat: tuple[int, int] | None) -> BaseStorage:
         )
     if url.startswith("sqlite"):
         return _SQLiteStorage(url, **kwargs)
-    if not kwargs:
-        return optuna.storages.get_storage(url)
-    return RDBStorage(url, **kwargs)
+    with _creating_tables(url):
+        if not kwargs:
+            return optuna.storages.get_storage(url)
+        return RDBStorage(url, **kwargs)
+
+
+_TABLES_LOCK = 0x6F7074756E61  # a fixed key ("optuna") for PostgreSQL's advisory lock
+
+
+@contextlib.contextmanager
+def _creating_tables(url: str):
+    """On PostgreSQL, one process at a time opens a storage (Optuna creates its tables then).
+
+    Processes that create Optuna's tables at the same moment on a fresh
+    database collide (a unique violation on its enum types, optuna/optuna#1092);
+    a session-level advisory lock, released when the connection closes even if
+    the process dies, serialises that step. Other databases pass through.
+    """
+    if sqlalchemy.engine.make_url(url).get_backend_name() != "postgresql":
+        yield
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": _TABLES_LOCK})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": _TABLES_LOCK})
+    finally:
+        engine.dispose()
 
 
 def open_storage(

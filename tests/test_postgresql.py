@@ -258,9 +258,6 @@ def test_two_baseline_workers_on_postgresql_one_sigkilled_and_retried(postgres, 
     url, name = postgres.create_database("baselines"), "toy/random/seed0"
     ckdir, marker, budget = tmp_path / "ck", tmp_path / "stalled", 8 * 6
     ckdir.mkdir()
-    # Optuna's tables first: processes that create them at one moment on a fresh
-    # PostgreSQL database collide (a UniqueViolation on the enum type studydirection).
-    optuna.storages.RDBStorage(url).engine.dispose()
     # Worker 0, in a child process, hangs right after its first trial's first checkpoint
     # (round 4 of 8). Worker 1 runs in this process once that trial exists (so that it
     # cannot take the whole budget first); worker 0 is SIGKILLed when it hangs and worker 1
@@ -357,3 +354,40 @@ def test_an_unopenable_postgresql_url_is_refused_without_its_password(postgres):
         fathom_tune.optimize(TASK, num_rounds=2, storage=url, progress=False)
     message = str(info.value)
     assert SECRET not in message and "***" in message and "no_such_database" in message
+
+
+_OPEN_AT_ONCE = """
+import pathlib, sys, time
+import fathom_tune.storage as storage
+go = pathlib.Path(sys.argv[2])
+pathlib.Path(sys.argv[3]).touch()
+while not go.exists():
+    time.sleep(0.001)
+storage.open_storage(sys.argv[1], heartbeat=(1, 3))
+print("opened", flush=True)
+"""
+
+
+def test_processes_opening_a_fresh_database_at_once_all_succeed(postgres, tmp_path):
+    # Optuna creates its tables on the first open; without the advisory lock, processes
+    # doing that at one moment collide (a unique violation on an enum type).
+    import subprocess
+    import sys
+
+    url, go = postgres.create_database("at_once"), tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OPEN_AT_ONCE, url, str(go), str(tmp_path / f"ready{k}")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for k in range(4)
+    ]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{k}").exists() for k in range(4)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    outputs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(outputs)
+    assert all(o.strip().endswith("opened") for o in outputs)
+    assert optuna.get_all_study_names(url) == []  # the tables exist, whole
