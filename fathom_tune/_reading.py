@@ -162,7 +162,9 @@ def read_run(study: optuna.Study) -> RunRecord:
         )
     head = ["number", "state", *NAMES, *_COST_FIELDS, "value", "reached", DIVERGED]
     steps = pd.DataFrame(rows)
-    steps = steps[head + [c for c in steps.columns if c not in head]] if rows else pd.DataFrame(columns=head)
+    # the trials' own attributes after the fixed columns, by name: storages list them in
+    # different orders, the record does not
+    steps = steps[head + sorted(c for c in steps.columns if c not in head)] if rows else pd.DataFrame(columns=head)
     evaluations = pd.DataFrame(evals)
     if not evals:
         evaluations = pd.DataFrame(columns=["number", "rounds", "examples", col])

@@ -112,9 +112,8 @@ def _check_same_record(a: record.RunRecord, b: record.RunRecord, check_dtype: bo
         a.steps.drop(columns="seconds"),
         b.steps.drop(columns="seconds"),
         check_exact=True,
-        check_like=True,
         check_dtype=check_dtype,
-    )
+    )  # columns in the same order too, whatever order the storage lists attributes in
     pd.testing.assert_frame_equal(a.evaluations, b.evaluations, check_exact=True, check_like=True)
 
 
