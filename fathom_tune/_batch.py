@@ -93,7 +93,7 @@ def _rdb_of(storage) -> RDBStorage | None:
 
 def _utc(moment: datetime.datetime | None) -> datetime.datetime | None:
     # Optuna's trial table holds naive UTC (see its TrialModel.datetime_start setter).
-    return None if moment is None else moment.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    return None if moment is None else moment.astimezone(datetime.UTC).replace(tzinfo=None)
 
 
 def _rdb_insert(storage: RDBStorage, study_id: int, trials: list[FrozenTrial]) -> None:
@@ -169,7 +169,7 @@ def _rdb_insert(storage: RDBStorage, study_id: int, trials: list[FrozenTrial]) -
 def _iso(moment: datetime.datetime | None) -> str | None:
     if moment is None:
         return None
-    return moment.astimezone(datetime.timezone.utc).isoformat(timespec="microseconds")
+    return moment.astimezone(datetime.UTC).isoformat(timespec="microseconds")
 
 
 def _journal_append(storage: JournalStorage, study_id: int, trials: list[FrozenTrial]) -> None:

@@ -241,7 +241,7 @@ class _Prefix(Sequence):
     """The first ``n`` rows of the run's growing row list, without copying them: the
     loop only appends, so the view stays what it was (O(1) per round, not O(rounds))."""
 
-    __slots__ = ("_rows", "_n")
+    __slots__ = ("_n", "_rows")
 
     def __init__(self, rows: list, n: int) -> None:
         self._rows, self._n = rows, n

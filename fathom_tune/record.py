@@ -73,6 +73,8 @@ __all__ = [
     "WALL",
     "WORKER",
     "RunRecord",
+    "add_trials",
+    "add_wall_time",
     "evaluation",
     "finished_rounds",
     "load_runs",
@@ -80,8 +82,6 @@ __all__ = [
     "read_run",
     "set_study_attrs",
     "step_cost",
-    "add_trials",
-    "add_wall_time",
     "study_name",
     "write_header",
     "write_outcome",
@@ -185,7 +185,7 @@ def write_header(
     """Records what the study is; call before its first step (idempotent).
 
     ``objective`` names what a trial's value is (``study.set_metric_names``;
-    optuna-dashboard labels its plots with it), e.g. ``"train_loss"``.
+    the dashboard labels its plots with it), e.g. ``"train_loss"``.
     """
     from fathom_tune import __version__
 

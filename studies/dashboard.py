@@ -346,7 +346,7 @@ def _artifacts(study: optuna.Study, files: list[pathlib.Path], store) -> dict[st
 def attach_report(storage, names: list[str], report_dir, artifact_dir, note: str) -> None:
     """Attaches the report in ``report_dir`` to the studies ``names``: the figures and the
     summary table as artifacts in the file-system store ``artifact_dir``, and ``note``
-    followed by the figures as each study's dashboard note (when optuna-dashboard is
+    followed by the figures as each study's dashboard note (when the package optuna_dashboard is
     installed)."""
     from fathom_tune.storage import open_storage
 

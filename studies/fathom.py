@@ -103,8 +103,6 @@ def _run(args) -> int:
     import optuna
 
     import fathom_tune
-    from fathom_tune.fathom.optimize import ROUND_HEADER
-    from fathom_tune.storage import mask_url
 
     pathlib.Path(args.checkpoint).parent.mkdir(parents=True, exist_ok=True)
     created = []  # directories made for an SQLite file, removed again if it cannot be opened
@@ -122,8 +120,21 @@ def _run(args) -> int:
         return 2
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rounds = logging.getLogger("fathom_tune.rounds")
+    shown, level = logging.StreamHandler(sys.stdout), rounds.level
     rounds.setLevel(logging.INFO)
-    rounds.addHandler(logging.StreamHandler(sys.stdout))
+    rounds.addHandler(shown)
+    try:
+        return _optimize(args, storage)
+    finally:  # a caller's logging is as it was (main may run in-process, more than once)
+        rounds.removeHandler(shown)
+        rounds.setLevel(level)
+
+
+def _optimize(args, storage) -> int:
+    import fathom_tune
+    from fathom_tune.fathom.optimize import ROUND_HEADER
+    from fathom_tune.storage import mask_url
+
     task = fathom_tune.tasks.get(args.task)
     name = args.study_name or args.resume_study or fathom_tune.study_name(task.name, "fathom", args.seed)
     print(f"FATHOM on {task.name}, study {name!r}", flush=True)

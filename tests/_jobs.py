@@ -19,6 +19,7 @@ its number.
 """
 
 import pathlib
+import signal
 import sys
 import time
 
@@ -126,6 +127,37 @@ def stale(storage: str, ready_file: str, go_file: str) -> None:
         pass
     optuna.storages.fail_stale_trials(study)
     print(study.ask().number, flush=True)
+
+
+# ---------------------------------------------------------- for the tests that run the jobs
+def wait_until(predicate, proc, timeout: float = 300.0) -> None:
+    """Waits for ``predicate()``; fails if the job ``proc`` ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"job ended before the kill: {proc.stdout.read().decode()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("job made no progress in time")
+        time.sleep(0.1)
+
+
+def kill(proc) -> None:
+    """SIGKILLs the job ``proc`` and checks that the signal is what ended it."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def trials_of(url: str, name: str):
+    """The trials of study ``name`` (none if it does not exist yet), through a fresh connection."""
+    storage = optuna.storages.RDBStorage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    except KeyError:
+        return []
+    finally:
+        storage.engine.dispose()
 
 
 if __name__ == "__main__":

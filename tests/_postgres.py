@@ -22,7 +22,6 @@ import contextlib
 import os
 import pathlib
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -232,27 +231,6 @@ def start_job(marker: pathlib.Path | None, *args) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-
-
-def wait_until(predicate, proc: subprocess.Popen, timeout: float = 300.0) -> None:
-    """Waits for ``predicate()``; fails if ``proc`` ends first or time runs out."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"job ended before the kill: {proc.stdout.read().decode()[-3000:]}"
-            )
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("job made no progress in time")
-        time.sleep(0.1)
-
-
-def kill(proc: subprocess.Popen) -> None:
-    """SIGKILLs ``proc`` and checks that the signal is what ended it."""
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import optuna
 import pandas as pd
 import pytest
 from _jobs import SPACE, STALL_ROUND, short_toy
-from _postgres import USER, Unavailable, kill, server, start_job, wait_until
+from _jobs import kill, trials_of, wait_until
+from _postgres import USER, Unavailable, server, start_job
 from _toy import flat, toy_task
 from optuna.trial import TrialState
 
@@ -224,16 +225,6 @@ def test_sigkilled_fathom_run_on_postgresql_resumes_to_the_uninterrupted_result(
     _check_same_record(run, ref_run)
 
 
-def _trials(url: str, name: str):
-    storage = optuna.storages.RDBStorage(url)
-    try:
-        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    except KeyError:
-        return []
-    finally:
-        storage.engine.dispose()
-
-
 BASELINE_TASK = short_toy()
 """The task of the jobs' baseline workers; the runs in this process share its compiled programs."""
 
@@ -262,7 +253,7 @@ def test_two_baseline_workers_on_postgresql_one_sigkilled_and_retried(postgres, 
     # cannot take the whole budget first); worker 0 is SIGKILLed when it hangs and worker 1
     # has finished a trial beside it.
     victim = start_job(marker, "baseline", url, ckdir, 0, budget, 1)
-    wait_until(lambda: _trials(url, name), victim)
+    wait_until(lambda: trials_of(url, name), victim)
     seen = {}
 
     def kill_when_stalled():
@@ -270,11 +261,11 @@ def test_two_baseline_workers_on_postgresql_one_sigkilled_and_retried(postgres, 
             wait_until(
                 lambda: (
                     marker.exists()
-                    and any(t.state == TrialState.COMPLETE for t in _trials(url, name))
+                    and any(t.state == TrialState.COMPLETE for t in trials_of(url, name))
                 ),
                 victim,
             )
-            seen["trials"] = _trials(url, name)
+            seen["trials"] = trials_of(url, name)
             kill(victim)
             seen["at"] = time.monotonic()
         except BaseException as exc:  # noqa: BLE001 - raised again in the test's thread

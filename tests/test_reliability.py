@@ -3,7 +3,6 @@
 import math
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,9 @@ import numpy as np
 import optax
 import optuna
 import pytest
-from _jobs import SPACE, STALL_ROUND, short_toy
+from _jobs import SPACE, STALL_ROUND, short_toy, trials_of
+from _jobs import kill as _kill
+from _jobs import wait_until as _wait_until
 from _toy import crash_in_round, flat, toy_task
 from optuna.trial import TrialState
 
@@ -23,7 +24,6 @@ from fathom_tune.checkpoint import load_checkpoint, save_checkpoint
 from fathom_tune import fedavg
 from fathom_tune.engine import Engine
 from fathom_tune.record import ROUND as ROUND_ATTR
-from fathom_tune.record import STALE as STALE_ATTR
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -40,33 +40,6 @@ def _start(*args) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-
-
-def _wait_until(predicate, proc: subprocess.Popen, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(
-                f"job ended before the kill: {proc.stdout.read().decode()[-3000:]}"
-            )
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("job made no progress in time")
-        time.sleep(0.2)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
-
-
-def _trials(url: str, name: str):
-    storage = optuna.storages.RDBStorage(url)
-    try:
-        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    except KeyError:
-        return []
 
 
 def _table(trials) -> str:
@@ -106,7 +79,7 @@ def test_sigkilled_fathom_run_resumes_to_the_uninterrupted_result(tmp_path, stal
     proc = _start("fathom", url, ckpt, rounds, stall)
     _wait_until(pathlib.Path(f"{ckpt}.stalled").exists, proc)
     _kill(proc)
-    before = {r: ts[0].value for r, ts in _rounds(_trials(url, name)).items()}
+    before = {r: ts[0].value for r, ts in _rounds(trials_of(url, name)).items()}
     assert sorted(before) == list(range(written))
     meta, _ = load_checkpoint(ckpt, kind="fathom", templates={})
     assert meta["round"] == checkpointed
@@ -156,7 +129,7 @@ def test_resume_replays_rounds_the_study_holds_past_the_checkpoint(tmp_path, mon
         fathom_tune.optimize(task, checkpoint=ckpt, **kwargs)
     meta, _ = load_checkpoint(ckpt, kind="fathom", templates={})  # the metadata alone
     assert meta["round"] == 3 and len(meta["rows"]) == 3
-    assert [t.user_attrs[ROUND_ATTR] for t in _trials(url, "toy/fathom/seed3")] == list(range(6))
+    assert [t.user_attrs[ROUND_ATTR] for t in trials_of(url, "toy/fathom/seed3")] == list(range(6))
     monkeypatch.setattr(fathom_tune.checkpoint, "save_run", real_save)
 
     resumed = fathom_tune.optimize(task, checkpoint=ckpt, **kwargs)
@@ -186,7 +159,7 @@ def test_an_interrupt_writes_the_queued_rounds_and_their_checkpoint(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         fathom_tune.optimize(task, **kwargs)
     # nothing was due before the interrupt; it wrote rounds 0-4 and the checkpoint after them
-    assert [t.user_attrs[ROUND_ATTR] for t in _trials(url, "toy/fathom/seed0")] == list(range(5))
+    assert [t.user_attrs[ROUND_ATTR] for t in trials_of(url, "toy/fathom/seed0")] == list(range(5))
     assert load_checkpoint(ckpt, kind="fathom", templates={})[0]["round"] == 5
     monkeypatch.setattr(Engine, "run_round", real)
     resumed = fathom_tune.optimize(task, **kwargs)
@@ -382,18 +355,18 @@ def test_four_workers_one_sigkilled_lose_and_duplicate_nothing(tmp_path):
             t.state == TrialState.RUNNING
             and t.user_attrs.get("worker") == 0
             and t.intermediate_values
-            for t in _trials(url, name)
+            for t in trials_of(url, name)
         )
 
     _wait_until(victim_has_a_checkpointed_trial, victim)
     killed = next(
         t
-        for t in _trials(url, name)
+        for t in trials_of(url, name)
         if t.state == TrialState.RUNNING and t.user_attrs.get("worker") == 0
     )
     _kill(victim)
     finished_before = {
-        t.number: t.value for t in _trials(url, name) if t.state == TrialState.COMPLETE
+        t.number: t.value for t in trials_of(url, name) if t.state == TrialState.COMPLETE
     }
     for proc in workers[1:]:
         out, _ = proc.communicate(timeout=900)
