@@ -65,7 +65,7 @@ def test_each_clients_settings_reach_its_model(validation):
         p = x0
         for rows in plan:
             g = jax.grad(_mean_loss, argnums=1)(model, p, {k: v[rows] for k, v in part.items()})
-            p = jax.tree_util.tree_map(lambda a, b: a - hp.learning_rate * b, p, g)
+            p = jax.tree_util.tree_map(lambda a, b, eta=hp.learning_rate: a - eta * b, p, g)
         deltas.append(flat(x0) - flat(p))
         sizes.append(n)
         steps.append(k_steps)

@@ -41,9 +41,9 @@ import jax.numpy as jnp
 import optax
 
 __all__ = [
-    "G_BOUNDS",
     "GM_BOUNDS",
     "GM_MOMENTUM",
+    "G_BOUNDS",
     "FedHyperServerState",
     "fedhyper_server",
     "sl_step",
