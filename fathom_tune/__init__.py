@@ -31,6 +31,7 @@ from fathom_tune import record
 from fathom_tune import tasks
 from fathom_tune import tuners
 from fathom_tune import fathom
+from fathom_tune import peers
 from fathom_tune.checkpoint import CheckpointError
 from fathom_tune.engine import Cost
 from fathom_tune.engine import Engine
@@ -44,6 +45,7 @@ from fathom_tune.fathom import report_divergence
 from fathom_tune.fathom import report_round
 from fathom_tune.fathom import safe_cosine
 from fathom_tune.hparams import Bounds
+from fathom_tune.hparams import ClientHParams
 from fathom_tune.hparams import HParams
 from fathom_tune.record import study_name
 from fathom_tune.storage import open_storage
@@ -57,6 +59,7 @@ from fathom_tune.tuners import fedavg
 __all__ = [
     "Bounds",
     "CheckpointError",
+    "ClientHParams",
     "ClientTracker",
     "Cost",
     "Engine",
@@ -77,6 +80,7 @@ __all__ = [
     "loop",
     "open_storage",
     "optimize",
+    "peers",
     "record",
     "report_divergence",
     "report_round",

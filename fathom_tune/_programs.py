@@ -93,17 +93,18 @@ class _Programs:
             return params, stat, loss_sum + jnp.where(on, loss, 0.0)
 
         def block_step(x0, carry, batch, ex_mask, on, keys, eta, inv_b):
-            """One local step of every client of the block; ``on[j]``: client j still runs."""
+            """One local step of every client of the block; ``on[j]``: client j still runs,
+            with learning rate ``eta[j]``."""
             params, stat, loss_sum = carry
             if self.client_block == 1:
                 # No vmap: a vmapped convolution with per-client kernels becomes a
                 # grouped convolution, several times slower on XLA:CPU.
                 first = functools.partial(jax.tree_util.tree_map, operator.itemgetter(0))
                 out = one_step(
-                    x0, first(params), stat[0], loss_sum[0], first(batch), ex_mask, on[0], keys[0], eta, inv_b
+                    x0, first(params), stat[0], loss_sum[0], first(batch), ex_mask, on[0], keys[0], eta[0], inv_b
                 )
                 return jax.tree_util.tree_map(lambda a: a[None], out)
-            return jax.vmap(one_step, in_axes=(None, 0, 0, 0, 0, None, 0, 0, None, None))(
+            return jax.vmap(one_step, in_axes=(None, 0, 0, 0, 0, None, 0, 0, 0, None))(
                 x0, params, stat, loss_sum, batch, ex_mask, on, keys, eta, inv_b
             )
 
@@ -119,6 +120,18 @@ class _Programs:
                 # around a convolution step was measured 14x slower on XLA:CPU.
                 carry = block_step(x0, carry, batch, ex_mask, active[:, s], step_keys, eta, inv_b)
             return carry
+
+        def client_loss(params, batch, mask):
+            """The summed loss of one client's model on its masked validation examples."""
+            preds = model.apply_for_eval(params, batch)
+            return jnp.sum(model.train_loss(batch, preds) * mask)
+
+        def validation_loss(params, batches, mask):
+            self._count("validation_loss")
+            if self.client_block == 1:  # no vmap, as in block_step
+                first = functools.partial(jax.tree_util.tree_map, operator.itemgetter(0))
+                return client_loss(first(params), first(batches), mask[0])[None]
+            return jax.vmap(client_loss)(params, batches, mask)
 
         def broadcast(x0):
             self._count("broadcast")
@@ -154,6 +167,7 @@ class _Programs:
             )
 
         self.local_steps = jax.jit(local_steps, donate_argnums=(1, 2, 3))
+        self.validation_loss = jax.jit(validation_loss)
         self.broadcast = jax.jit(broadcast)
         self.zeros = jax.jit(functools.partial(jax.tree_util.tree_map, jnp.zeros_like))
         self.accumulate = jax.jit(accumulate, donate_argnums=(0,))

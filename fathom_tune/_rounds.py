@@ -136,6 +136,14 @@ class RoundResult:
         train_loss: example-weighted mean of ``client_loss``.
         update: the weighted mean update ``u`` (gradient-signed pytree).
         cost: what this round consumed.
+        client_hparams: each sampled client's hyperparameters when the round
+            gave clients their own (then ``hparams`` is the round's summary),
+            else None.
+        validation_before: each client's mean loss on its validation part
+            under the server model, when the engine holds one out, else None.
+        validation_after: the same under the client's model after training.
+        validation_size: each client's validation examples, or None.
+        opt_state: the server optimizer's state after this round's update.
     """
 
     round: int
@@ -148,6 +156,11 @@ class RoundResult:
     train_loss: float
     update: object
     cost: Cost
+    client_hparams: tuple[HParams, ...] | None = None
+    validation_before: np.ndarray | None = None
+    validation_after: np.ndarray | None = None
+    validation_size: np.ndarray | None = None
+    opt_state: object = None
 
     @property
     def finite(self) -> bool:

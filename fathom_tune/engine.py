@@ -27,11 +27,23 @@ How it is fast with bounded compilation:
   ``client_block`` clients (``jax.vmap``), each block in chunks of
   ``steps_per_call`` unrolled steps; steps past a client's ``K_i`` are masked.
 * The learning rate, the round and the client indices are traced arguments.
+
+Per-client hyperparameters (FedEx, Khodak et al., arXiv 2106.04502, gives
+every sampled client its own configuration): :meth:`Engine.run_round` also
+takes a :class:`~fathom_tune.hparams.ClientHParams`. The learning rate is a
+per-client traced value, ``K_i`` was already per client, and clients that
+share a batch size share a block, so the compiled programs stay the same
+bucketed set. An engine built with ``client_validation > 0`` holds out that
+share of every client's training examples (a fixed split per seed and client)
+and reports each client's validation loss before (the server model) and after
+its local training; both passes count in the ledger as examples processed.
+Engines without it compute none of this.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Mapping, Sequence
 
@@ -59,7 +71,7 @@ from fathom_tune._rounds import (
     default_buckets,
     sample_clients,
 )
-from fathom_tune.hparams import HParams
+from fathom_tune.hparams import ClientHParams, HParams
 from fathom_tune.task import Task
 
 __all__ = [
@@ -98,6 +110,8 @@ class EngineSettings:
         steps_per_call: local steps per compiled call.
         eval_batch_size: evaluation batch size.
         client_statistic: the client statistic's name, or None.
+        client_validation: the share of each client's training examples held
+            out for its own validation loss (0: none).
     """
 
     server_optimizer: str
@@ -106,6 +120,7 @@ class EngineSettings:
     steps_per_call: int
     eval_batch_size: int
     client_statistic: str | None
+    client_validation: float = 0.0
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -137,6 +152,13 @@ class Engine:
         eval_batch_size: batch size of evaluation (padded and masked).
         client_statistic: a :class:`ClientStatistic` every client folds over
             its local steps (FATHOM turns on its ``phi``); ``None`` computes none.
+        client_validation: share of each client's training examples held out
+            as its validation part, in ``[0, 0.5]``: ``ceil(share * n_i)``
+            examples of a fixed permutation per (seed, client) (at least one
+            example stays for training). The client trains on the rest and
+            the round reports its validation loss before and after local
+            training (:attr:`RoundResult.validation_before` and
+            ``validation_after``). 0 (default): no held-out part.
 
     Example:
         >>> import fathom_tune
@@ -160,6 +182,7 @@ class Engine:
         steps_per_call: int | None = None,
         eval_batch_size: int = 256,
         client_statistic: ClientStatistic | None = None,
+        client_validation: float = 0.0,
     ):
         if not isinstance(task, Task):
             raise TypeError(f"task must be a fathom_tune.Task, got {type(task).__name__}")
@@ -194,10 +217,18 @@ class Engine:
         self.clients_per_round = task.clients_per_round
         self.eval_batch_size = checks.positive_int("eval_batch_size", eval_batch_size)
         self.client_statistic = client_statistic
+        if isinstance(client_validation, bool) or not isinstance(client_validation, (int, float, np.floating)):
+            raise TypeError(f"client_validation must be a float in [0, 0.5], got {client_validation!r}")
+        if not 0.0 <= float(client_validation) <= 0.5:
+            raise ValueError(f"client_validation must be in [0, 0.5], got {client_validation!r}")
+        self.client_validation = float(client_validation)
 
         self._client_ids = tuple(task.train.client_ids())
-        self._client_sizes = np.array([task.train.client_size(c) for c in self._client_ids])
+        full_sizes = np.array([task.train.client_size(c) for c in self._client_ids])
+        self._held_sizes = np.array([self._held_out(int(n)) for n in full_sizes], dtype=np.int64)
+        self._client_sizes = full_sizes - self._held_sizes
         self._examples: dict[int, Mapping[str, np.ndarray]] = {}
+        self._validation: dict[int, Mapping[str, np.ndarray]] = {}
         if client_block is None:
             one_at_a_time = jax.default_backend() == "cpu" and self._one_at_a_time_on_cpu()
             client_block = 1 if one_at_a_time else self.clients_per_round
@@ -227,6 +258,7 @@ class Engine:
                 steps_per_call=self.steps_per_call,
                 eval_batch_size=self.eval_batch_size,
                 client_statistic=getattr(self.client_statistic, "name", None),
+                client_validation=self.client_validation,
             )
         return self._settings
 
@@ -267,44 +299,96 @@ class Engine:
         params = self._programs.init(jax.random.PRNGKey(self.seed))
         return ServerState(params=params, opt_state=self.server_optimizer.init(params), round=0)
 
+    def _held_out(self, n: int) -> int:
+        """Validation examples held out of a client with ``n`` training examples."""
+        if self.client_validation == 0.0 or n < 2:
+            return 0
+        return min(math.ceil(self.client_validation * n), n - 1)
+
+    def client_split(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indices of client ``index``'s examples that it trains on, and its validation part.
+
+        ``index``: the client's position in ``task.train.client_ids()``. The
+        validation part is the first ``ceil(client_validation * n)`` of a
+        permutation drawn from ``(seed, index)``; without ``client_validation``
+        every example trains.
+        """
+        n = int(self._client_sizes[index] + self._held_sizes[index])
+        held = int(self._held_sizes[index])
+        if held == 0:
+            return np.arange(n), np.arange(0)
+        perm = np.random.default_rng(np.random.SeedSequence([self.seed, index, 0xC1])).permutation(n)
+        return np.sort(perm[held:]), np.sort(perm[:held])
+
     def _client_examples(self, index: int) -> Mapping[str, np.ndarray]:
         ex = self._examples.get(index)
         if ex is None:
             ds = self.task.train.get_client(self._client_ids[index])
             ex = {k: np.asarray(v) for k, v in ds.all_examples().items()}
+            if self.client_validation > 0.0:
+                train, val = self.client_split(index)
+                self._validation[index] = {k: v[val] for k, v in ex.items()}
+                ex = {k: v[train] for k, v in ex.items()}
             self._examples[index] = ex
         return ex
 
+    def _client_validation(self, index: int) -> Mapping[str, np.ndarray]:
+        self._client_examples(index)
+        return self._validation[index]
+
     # ------------------------------------------------------------------- round
-    def run_round(self, state: ServerState, hparams: HParams) -> tuple[ServerState, RoundResult]:
-        """Runs round ``state.round`` with ``hparams``; returns the next state and the result."""
+    def run_round(
+        self, state: ServerState, hparams: HParams | ClientHParams
+    ) -> tuple[ServerState, RoundResult]:
+        """Runs round ``state.round``; returns the next state and the result.
+
+        Args:
+            state: the server state.
+            hparams: the round's hyperparameters: an :class:`HParams` for every
+                client, or a :class:`~fathom_tune.hparams.ClientHParams` with one
+                per sampled client, in the order of :meth:`sampled`.
+        """
         if not isinstance(state, ServerState):
             raise TypeError(f"state must be a ServerState, got {type(state).__name__}")
-        if not isinstance(hparams, HParams):
-            raise TypeError(f"hparams must be an HParams, got {type(hparams).__name__}")
+        if isinstance(hparams, ClientHParams):
+            if len(hparams.clients) != self.clients_per_round:
+                raise ValueError(
+                    f"hparams holds {len(hparams.clients)} clients' hyperparameters; this task "
+                    f"samples {self.clients_per_round} clients per round"
+                )
+            per_client = hparams.clients
+        elif isinstance(hparams, HParams):
+            per_client = None
+        else:
+            raise TypeError(f"hparams must be an HParams or a ClientHParams, got {type(hparams).__name__}")
         t0 = time.perf_counter()
         rnd = state.round
-        sampled = sample_clients(self.seed, rnd, len(self._client_ids), self.clients_per_round)
+        sampled = self.sampled(rnd)
         sizes = self._client_sizes[sampled]
-        b_int = hparams.batch_int
-        steps = np.array([hparams.local_steps(int(n)) for n in sizes])
-        bucket = bucket_size(b_int, self.buckets)
-        ex_mask = np.zeros(bucket, np.float32)
-        ex_mask[:b_int] = 1.0
-        eta = np.float32(hparams.learning_rate)
-        inv_b = np.float32(1.0 / b_int)
+        client_hp = per_client or (hparams,) * len(sampled)
+        b_ints = np.array([hp.batch_int for hp in client_hp])
+        steps = np.array([hp.local_steps(int(n)) for hp, n in zip(client_hp, sizes)])
+        etas = np.array([hp.learning_rate for hp in client_hp], np.float32)
         weights_all = sizes / sizes.sum()
+        validate = self.client_validation > 0.0
 
         x0 = state.params
         u = self._programs.zeros(x0)
         p_block, s_call = self.client_block, self.steps_per_call
-        order = np.argsort(-steps, kind="stable")  # similar K in one block
         stat0 = 0.0 if self.client_statistic is None else float(self.client_statistic.initial)
         stat = np.full(len(sampled), stat0, np.float64)
         loss = np.zeros(len(sampled), np.float64)
+        val_before = np.zeros(len(sampled), np.float64)
+        val_after = np.zeros(len(sampled), np.float64)
         pending = []
-        for start in range(0, len(order), p_block):
-            members = order[start : start + p_block]
+        for members in self._blocks(steps, b_ints):
+            b_int = int(b_ints[members[0]])
+            bucket = bucket_size(b_int, self.buckets)
+            ex_mask = np.zeros(bucket, np.float32)
+            ex_mask[:b_int] = 1.0
+            inv_b = np.float32(1.0 / b_int)
+            eta = np.zeros(p_block, np.float32)
+            eta[: len(members)] = etas[members]
             k_block = int(steps[members].max())
             n_calls = -(-k_block // s_call)
             plans = [
@@ -319,6 +403,9 @@ class Engine:
             active_all = np.zeros((p_block, n_calls * s_call), bool)
             for j, m in enumerate(members):
                 active_all[j, : steps[m]] = True
+            if validate:
+                val_batch, val_mask = self._validation_block(members, sampled, p_block)
+                before_b = self._programs.validation_loss(params, val_batch, val_mask)
             for call in range(n_calls):
                 sl = slice(call * s_call, (call + 1) * s_call)
                 batches = self._gather(members, sampled, plans, sl, p_block)
@@ -326,28 +413,39 @@ class Engine:
                     x0, params, stat_b, loss_b, batches, ex_mask, active_all[:, sl],
                     self.seed, rnd, cidx, call * s_call, eta, inv_b,
                 )
+            if validate:
+                after_b = self._programs.validation_loss(params, val_batch, val_mask)
+                pending_val = (before_b, after_b)
+            else:
+                pending_val = None
             w = np.zeros(p_block, np.float32)
             w[: len(members)] = weights_all[members]
             u = self._programs.accumulate(u, x0, params, w)
-            pending.append((members, stat_b, loss_b))
+            pending.append((members, stat_b, loss_b, pending_val))
         new_params, opt_state = self._programs.server_update(x0, state.opt_state, u)
-        for members, stat_b, loss_b in pending:
+        held = self._held_sizes[sampled]
+        for members, stat_b, loss_b, pending_val in pending:
             stat[members] = np.asarray(stat_b)[: len(members)]
             loss[members] = np.asarray(loss_b)[: len(members)] / steps[members]
+            if pending_val is not None:
+                n_val = np.maximum(held[members], 1)
+                val_before[members] = np.asarray(pending_val[0])[: len(members)] / n_val
+                val_after[members] = np.asarray(pending_val[1])[: len(members)] / n_val
         jax.block_until_ready(new_params)
         seconds = time.perf_counter() - t0
         n_clients = len(sampled)
+        trained = int(np.dot(steps, b_ints))
         cost = Cost(
             rounds=1,
-            examples=int(steps.sum()) * b_int,
+            examples=trained + (2 * int(held.sum()) if validate else 0),
             steps=int(steps.sum()),
             bytes_down=n_clients * self.param_bytes,
-            bytes_up=n_clients * (self.param_bytes + 12),
+            bytes_up=n_clients * (self.param_bytes + 12 + (8 if validate else 0)),
             seconds=seconds,
         )
         result = RoundResult(
             round=rnd,
-            hparams=hparams,
+            hparams=hparams.summary if per_client else hparams,
             client_ids=tuple(self._client_ids[i] for i in sampled),
             num_examples=sizes.copy(),
             local_steps=steps,
@@ -356,8 +454,47 @@ class Engine:
             train_loss=float(np.dot(weights_all, loss)),
             update=u,
             cost=cost,
+            client_hparams=per_client,
+            validation_before=val_before if validate else None,
+            validation_after=val_after if validate else None,
+            validation_size=held.copy() if validate else None,
+            opt_state=opt_state,
         )
         return ServerState(params=new_params, opt_state=opt_state, round=rnd + 1), result
+
+    def sampled(self, round_index: int) -> np.ndarray:
+        """Indices (into ``task.train.client_ids()``) of the clients of round ``round_index``."""
+        return sample_clients(self.seed, round_index, len(self._client_ids), self.clients_per_round)
+
+    def _blocks(self, steps: np.ndarray, b_ints: np.ndarray) -> list[np.ndarray]:
+        """The round's clients in blocks of at most ``client_block`` with one batch size each,
+        clients with similar ``K_i`` together."""
+        if (b_ints == b_ints[0]).all():
+            order = np.argsort(-steps, kind="stable")
+            return [order[i : i + self.client_block] for i in range(0, len(order), self.client_block)]
+        out = []
+        for b in np.unique(b_ints):
+            group = np.flatnonzero(b_ints == b)
+            group = group[np.argsort(-steps[group], kind="stable")]
+            out.extend(group[i : i + self.client_block] for i in range(0, len(group), self.client_block))
+        return out
+
+    def _validation_block(self, members, sampled, p_block):
+        """The block's validation parts, padded to one bucket, and their masks."""
+        held = [int(self._held_sizes[sampled[m]]) for m in members]
+        bucket = bucket_size(max(max(held), 1), self.buckets)
+        first = self._client_validation(int(sampled[members[0]]))
+        out = {}
+        mask = np.zeros((p_block, bucket), np.float32)
+        for key, arr in first.items():
+            buf = np.zeros((p_block, bucket) + arr.shape[1:], arr.dtype)
+            for j, m in enumerate(members):
+                part = self._client_validation(int(sampled[m]))[key]
+                buf[j, : len(part)] = part
+            out[key] = buf
+        for j, n in enumerate(held):
+            mask[j, :n] = 1.0
+        return out, mask
 
     def _batch_plan(self, client: int, rnd: int, k: int, b_int: int, total_steps: int, bucket: int):
         """Example indices ``[total_steps, bucket]`` of one client: shuffle, repeat.

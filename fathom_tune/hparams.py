@@ -18,7 +18,7 @@ import math
 
 from fathom_tune import checks
 
-__all__ = ["NAMES", "Bounds", "HParams", "batch_int", "local_steps"]
+__all__ = ["NAMES", "Bounds", "ClientHParams", "HParams", "batch_int", "local_steps"]
 
 NAMES = ("learning_rate", "local_epochs", "batch_size")
 """The three hyperparameters, in the one order used everywhere (vectors, grids, tables)."""
@@ -117,3 +117,34 @@ class Bounds:
                 for n in NAMES
             }
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientHParams:
+    """One round's hyperparameters per sampled client (FedEx gives each client its own).
+
+    Attributes:
+        clients: one :class:`HParams` per sampled client, in the order of
+            :meth:`fathom_tune.Engine.sampled` (ascending client index).
+        summary: what the round records as its hyperparameters (e.g. the
+            tuner's current choice).
+
+    Example:
+        >>> a, b = HParams(0.1, 1.0, 8.0), HParams(0.01, 2.0, 16.0)
+        >>> ClientHParams(clients=(a, b), summary=a).clients[1].batch_int
+        16
+    """
+
+    clients: tuple[HParams, ...]
+    summary: HParams
+
+    def __post_init__(self):
+        clients = tuple(self.clients) if isinstance(self.clients, (list, tuple)) else self.clients
+        if not isinstance(clients, tuple) or not clients or not all(isinstance(h, HParams) for h in clients):
+            raise TypeError(f"ClientHParams.clients must be a non-empty sequence of HParams, got {self.clients!r}")
+        if not isinstance(self.summary, HParams):
+            raise TypeError(f"ClientHParams.summary must be an HParams, got {self.summary!r}")
+        object.__setattr__(self, "clients", clients)
+
+    def as_dict(self) -> dict[str, float]:
+        return self.summary.as_dict()

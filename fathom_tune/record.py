@@ -57,6 +57,11 @@ __all__ = [
     "FATHOM_G",
     "FATHOM_H",
     "FATHOM_REJECTED",
+    "FEDEX_ARMS",
+    "FEDEX_BASELINE",
+    "FEDEX_CANDIDATES",
+    "FEDEX_THETA",
+    "FEDHYPER_A",
     "HPARAMS",
     "INTERRUPTED",
     "LEDGER",
@@ -73,6 +78,7 @@ __all__ = [
     "WALL",
     "WORKER",
     "RunRecord",
+    "add_round",
     "add_trials",
     "add_wall_time",
     "evaluation",
@@ -136,6 +142,19 @@ FATHOM_DIVERGED = "fathom.diverged"
 """``True``: the round diverged; the next round halves its learning rate."""
 FATHOM_REJECTED = "fathom.rejected"
 """Trial *system* attr: why FathomSampler refused a completed round."""
+
+# the one-run peers' rounds (see fathom_tune.peers)
+FEDEX_ARMS = "fedex.arms"
+"""Each sampled client's configuration in a FedEx round: ``[[eta, E, B], ...]``."""
+FEDEX_THETA = "fedex.theta"
+"""FedEx's distribution after the round: ``{name: [probability per arm]}``."""
+FEDEX_CANDIDATES = "fedex.candidates"
+"""Study attr of a FedEx run: its arms, ``{name: [value per arm]}``."""
+FEDEX_BASELINE = "fedex.baseline"
+"""The baseline ``lambda_t`` a FedEx round's gradient used."""
+FEDHYPER_A = "fedhyper.a"
+"""FedHyper's accumulated hypergradient ``a_t`` after the round (the server step is ``1 + a_t``;
+for SL the clients' rate is ``eta_0 (1 + a_t)``)."""
 
 # search baselines' trials (see baselines)
 NOT_RUN = "not_run"
@@ -256,6 +275,42 @@ def write_step(trial, *, cost: Cost, evals: list[dict], **attrs) -> None:
     """Records a trial's cost, its evaluations (:func:`evaluation`) and further user attrs."""
     for key, value in {COST: cost.as_dict(), EVALS: list(evals), **attrs}.items():
         trial.set_user_attr(key, value)
+
+
+def add_round(
+    study: optuna.Study,
+    *,
+    round_index: int,
+    hparams: HParams,
+    bounds,
+    value: float | None,
+    cost: Cost,
+    evals: list[dict],
+    **attrs,
+) -> None:
+    """Records one finished round of a ``unit = "round"`` study as one new trial, in one write.
+
+    For tuners that pick each round's hyperparameters themselves (the one-run
+    peers): the trial's params are ``hparams`` (log-scale distributions over
+    ``bounds``), its value the round's training loss, or ``value=None`` for a
+    diverged round (the trial FAILs and is marked :data:`DIVERGED`).
+    """
+    distributions = {
+        n: optuna.distributions.FloatDistribution(getattr(bounds.lower, n), getattr(bounds.upper, n), log=True)
+        for n in hparams.as_dict()
+    }
+    user_attrs = {ROUND: int(round_index), COST: cost.as_dict(), EVALS: list(evals), **attrs}
+    if value is None:
+        user_attrs[DIVERGED] = True
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=TrialState.FAIL if value is None else TrialState.COMPLETE,
+            value=None if value is None else float(value),
+            params=hparams.as_dict(),
+            distributions=distributions,
+            user_attrs=user_attrs,
+        )
+    )
 
 
 def mark_stale(study: optuna.Study, trial: FrozenTrial) -> None:

@@ -2,16 +2,17 @@
 
 Usage:
     python -m studies.compare --quick
-    python -m studies.compare [--task digits] [--tuners fathom random tpe tpe+hyperband]
+    python -m studies.compare [--task digits] [--tuners fathom fedex fedhyper random tpe tpe+hyperband]
                               [--seeds 0 1 2] [--budget-multiple 10 | --budget-rounds N]
                               [--rounds N] [--storage URL] [--out reports]
 
 Every registered tuner (:mod:`fathom_tune.tuners`: FATHOM, "Federated
 Hypergradient Descent", A. K. Kan, arXiv 2211.02106; the search baselines;
+the one-run peers FedEx, FedHyper and fathom+server of :mod:`fathom_tune.peers`;
 any tuner a package registers) runs through the one tuner interface with the
 same tuning budget per seed, in communication rounds summed over all it
 trains (default: ``--budget-multiple`` x one run of ``--rounds`` rounds); a
-tuner that adapts during one run, such as FATHOM, spends one run of it. Every study lands in one Optuna storage, named
+tuner that adapts during one run, such as FATHOM or its peers, spends one run of it. Every study lands in one Optuna storage, named
 ``<task>/<tuner>/seed<k>`` (default storage: ``sqlite:///<out>/compare.db``),
 and the report ``<out>/<task>/report.md`` (+ ``report.html``, CSV and
 markdown tables, PNG figures) is built from that storage alone
@@ -28,11 +29,11 @@ Resuming: re-running the same command continues where it stopped. Runs
 checkpoint into ``<out>/checkpoints/``. A search study continues its tuning
 budget (finished trials are not run again; a trial cut off mid-run continues
 from its checkpoint; a study whose budget is spent runs nothing). A FATHOM
-study that holds its whole run is read back; one that holds part of a run
+study (or a peer's) that holds its whole run is read back; one that holds part of a run
 continues from its checkpoint and ends as an uninterrupted run would (one
 without a checkpoint is run again).
 
-``--quick``: digits, tuners ``fathom random tpe tpe+hyperband``, seeds 0 and 1,
+``--quick``: digits, tuners ``fathom fathom+server fedex fedhyper random tpe tpe+hyperband``, seeds 0 and 1,
 training runs of 50 rounds, baseline budget 6 runs (300 rounds): a few
 minutes on two CPU cores, compilation included.
 """
@@ -54,12 +55,12 @@ from studies._cli import SQLITE, dashboard_command, interruptible, storage_probl
 
 QUICK = {
     "task": "digits",
-    "tuners": ["fathom", "random", "tpe", "tpe+hyperband"],
+    "tuners": ["fathom", "fathom+server", "fedex", "fedhyper", "random", "tpe", "tpe+hyperband"],
     "seeds": [0, 1],
     "rounds": 50,
     "budget_multiple": 6.0,
 }
-DEFAULT_TUNERS = ["fathom", "random", "tpe", "tpe+hyperband"]
+DEFAULT_TUNERS = ["fathom", "fathom+server", "fedex", "fedhyper", "random", "tpe", "tpe+hyperband"]
 DEFAULT_SEEDS = [0, 1, 2]
 DEFAULT_MULTIPLE = 10.0
 

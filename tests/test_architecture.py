@@ -84,6 +84,9 @@ def test_every_registered_tuner_returns_the_same_result_type():
     task = toy_task(num_rounds=2, eval_every=1)
     results = {
         "fathom": fathom_tune.tuners.get("fathom").run(task),
+        "fathom+server": fathom_tune.tuners.get("fathom+server").run(task),
+        "fedex": fathom_tune.tuners.get("fedex").run(task),
+        "fedhyper": fathom_tune.tuners.get("fedhyper").run(task),
         "random": fathom_tune.tuners.get("random").run(task, budget_rounds=4),
         "optimize": fathom_tune.optimize(task),
         "baselines.run": baselines.run(task, "grid", budget_rounds=4),
@@ -99,12 +102,13 @@ def test_every_registered_tuner_returns_the_same_result_type():
         assert len(result.history) >= 1 and fields == list(vars(result)), name
     assert results["fedavg"].study is None
     assert results["fathom"].cost.rounds == 2 and results["random"].cost.rounds == 4
+    assert all(results[n].cost.rounds == 2 for n in ("fathom+server", "fedex", "fedhyper"))
 
 
 def test_registry_lists_every_tuner_and_rejects_unknown_names_with_the_list():
     names = tuners.names()
     assert names[0] == "fathom" and set(baselines.REGISTRY) <= set(names)
-    with pytest.raises(ValueError, match=r"unknown tuner 'nope'; valid tuners: fathom, gp, grid"):
+    with pytest.raises(ValueError, match=r"unknown tuner 'nope'; valid tuners: fathom, fathom\+server, fedex, fedex-auto, fedhyper, "):
         tuners.get("nope")
     with pytest.raises(TypeError, match="must be a fathom_tune.tuners.Tuner"):
         tuners.register(object())

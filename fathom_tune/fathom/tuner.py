@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import optax
 import optuna
 
 from fathom_tune import record
@@ -34,10 +35,15 @@ class Fathom(Tuner):
         name: the registry name (``"fathom"``); a variant with another
             ``config`` needs its own name.
         config: FATHOM's settings.
+        server_optimizer: the engine's server optimizer (an optax
+            transformation of the FedAvg update); ``None``: plain FedAvg.
+            ``fathom+server`` passes FedHyper-GM's server learning rate
+            (:func:`fathom_tune.peers.fedhyper_server`).
     """
 
     name: str = "fathom"
     config: FathomConfig = FathomConfig()
+    server_optimizer: optax.GradientTransformation | None = None
 
     def tune(self, request: Request) -> TuningResult:
         task = request.task
@@ -67,4 +73,5 @@ class Fathom(Tuner):
             checkpoint=path,
             progress=request.progress,
             tuner=self.name,
+            **({} if self.server_optimizer is None else {"server_optimizer": self.server_optimizer}),
         )

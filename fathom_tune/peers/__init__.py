@@ -1,0 +1,65 @@
+"""FATHOM's one-run peers: tuners that, like FATHOM, tune while they train, in one run.
+
+* :class:`FedEx` (Khodak et al., NeurIPS 2021, arXiv 2106.04502): every
+  sampled client trains with its own (eta, E, B) drawn from a distribution
+  that the server moves by exponentiated gradient on the clients' validation
+  losses (:mod:`~fathom_tune.peers.fedex`);
+* :class:`FedHyper` (Wang, Wang, Li, ICLR 2024, arXiv 2310.03156): learning
+  rates from inner products of successive global updates, on the server
+  (G, GM) or set by the server for the clients (SL)
+  (:mod:`~fathom_tune.peers.fedhyper`);
+* ``fathom+server``: FATHOM for the clients' (eta, E, B) with FedHyper-GM's
+  server learning rate (:func:`fedhyper_server` as the engine's server optimizer).
+
+All run on the one engine and record one trial per round through
+:mod:`fathom_tune.record`. Registered names: ``fedex``, ``fedex-auto``,
+``fedhyper`` (= GM), ``fedhyper-g``, ``fedhyper-gm``, ``fedhyper-sl``,
+``fathom+server``.
+"""
+
+# isort: off
+from fathom_tune.peers.fedex import arm_gradient
+from fathom_tune.peers.fedex import discounted_sums
+from fathom_tune.peers.fedex import exponentiated_step
+from fathom_tune.peers.fedhyper import FedHyperServerState
+from fathom_tune.peers.fedhyper import fedhyper_server
+from fathom_tune.peers.fedhyper import sl_step
+from fathom_tune.peers._run import OneRunTuner
+from fathom_tune.peers._run import PeerSchedule
+from fathom_tune.peers._run import run_peer
+from fathom_tune.peers.tuners import FEDHYPER_VARIANTS
+from fathom_tune.peers.tuners import FedEx
+from fathom_tune.peers.tuners import FedHyper
+from fathom_tune.peers.tuners import fedex_candidates
+# isort: on
+
+from fathom_tune import tuners as _tuners
+from fathom_tune.fathom import Fathom as _Fathom
+from fathom_tune.peers.tuners import _SERVER_RULES
+
+for _tuner in (
+    FedEx("fedex"),
+    FedEx("fedex-auto", schedule="auto"),
+    FedHyper("fedhyper", "gm"),
+    FedHyper("fedhyper-g", "g"),
+    FedHyper("fedhyper-gm", "gm"),
+    FedHyper("fedhyper-sl", "sl"),
+    _Fathom("fathom+server", server_optimizer=_SERVER_RULES["gm"]),
+):
+    _tuners.register(_tuner)
+
+__all__ = [
+    "FEDHYPER_VARIANTS",
+    "FedEx",
+    "FedHyper",
+    "FedHyperServerState",
+    "OneRunTuner",
+    "PeerSchedule",
+    "arm_gradient",
+    "discounted_sums",
+    "exponentiated_step",
+    "fedex_candidates",
+    "fedhyper_server",
+    "run_peer",
+    "sl_step",
+]
