@@ -36,7 +36,7 @@ from fathom_tune.fathom import LocalAgreement
 from fathom_tune.loop import Static, run
 
 ROUNDS = int(os.environ.get("FATHOM_BENCH_ROUNDS", "1000"))
-REPEATS = 3
+REPEATS = int(os.environ.get("FATHOM_BENCH_REPEATS", "3"))
 FROZEN = FathomConfig(gamma_local_epochs=0.0, gamma_learning_rate=0.0, gamma_batch_size=0.0)
 CASES = ("fedavg", "fedavg+phi", "memory", "journal", "sqlite", "sqlite+checkpoint")
 """``fedavg+phi``: FedAvg on the engine with FATHOM's client statistic on and nothing
