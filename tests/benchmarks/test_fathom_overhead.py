@@ -44,14 +44,14 @@ else, the part of FATHOM's cost that is in the compiled local steps."""
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def _one(case: str, task, folder: str, k: int) -> None:
-    eval_every = ROUNDS  # evaluation once, at the end, in every case
+def _one(case: str, task, folder: str, k: int, rounds: int = ROUNDS) -> None:
+    eval_every = rounds  # evaluation once, at the end, in every case
     if case == "fedavg":
-        run(Engine(task), Static(task.init_hparams), num_rounds=ROUNDS, eval_every=eval_every)
+        run(Engine(task), Static(task.init_hparams), num_rounds=rounds, eval_every=eval_every)
         return
     if case == "fedavg+phi":
         engine = Engine(task, client_statistic=LocalAgreement())
-        run(engine, Static(task.init_hparams), num_rounds=ROUNDS, eval_every=eval_every)
+        run(engine, Static(task.init_hparams), num_rounds=rounds, eval_every=eval_every)
         return
     storage = {
         "memory": None,
@@ -61,7 +61,7 @@ def _one(case: str, task, folder: str, k: int) -> None:
     }[case]
     checkpoint = f"{folder}/c{k}.npz" if case == "sqlite+checkpoint" else None
     fathom_tune.optimize(
-        task, config=FROZEN, num_rounds=ROUNDS, eval_every=eval_every, storage=storage, checkpoint=checkpoint
+        task, config=FROZEN, num_rounds=rounds, eval_every=eval_every, storage=storage, checkpoint=checkpoint
     )
 
 
@@ -81,7 +81,7 @@ def timings():
     try:
         with tempfile.TemporaryDirectory() as folder:
             for case in CASES:  # compile everything once
-                _one(case, task, folder, -1)
+                _one(case, task, folder, -1, rounds=20)
             for k in range(REPEATS):
                 for case in CASES:
                     ends.clear()
