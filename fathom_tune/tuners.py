@@ -333,3 +333,34 @@ def fedavg(
         test_metrics=engine.evaluate(out.params, "test"),
         target=task.target,
     )
+
+
+def one_run_storage(request: Request, name: str):
+    """Storage and checkpoint of a one-run tuner's study ``name`` (one trial per round).
+
+    Returns ``(opened storage, checkpoint path or None, finished result or None)``.
+    With a checkpoint directory: a study already finished is read back as the
+    result; a study holding rounds without its checkpoint (its model is lost)
+    is deleted and run again; a checkpoint whose study is gone is removed.
+    """
+    import optuna
+
+    from fathom_tune import record
+    from fathom_tune.storage import open_storage
+
+    path = None
+    if request.checkpoint_dir is not None:
+        path = request.checkpoint_dir / (name.replace("/", "-") + ".npz")
+    opened = open_storage(request.storage)
+    if opened is not None and path is not None:
+        held = {s.study_name: s for s in optuna.get_all_study_summaries(opened)}.get(name)
+        if held is not None and not path.exists():
+            if record.LEDGER in held.user_attrs:  # finished: its record is the result
+                _log.info("%s: complete, read from the storage", name)
+                study = optuna.load_study(study_name=name, storage=opened)
+                return opened, path, result_from_record(record.read_run(study))
+            optuna.delete_study(study_name=name, storage=opened)
+            _log.warning("%s: held %d rounds and no checkpoint; deleted and run again", name, held.n_trials)
+        elif held is None and path.exists():
+            path.unlink()  # its study is gone; start over
+    return opened, path, None

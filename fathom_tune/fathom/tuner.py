@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import optax
-import optuna
 
-from fathom_tune import record
 from fathom_tune.fathom.optimize import optimize
 from fathom_tune.fathom.state import FathomConfig
-from fathom_tune.storage import open_storage
-from fathom_tune.tuners import Request, Tuner, TuningResult, result_from_record
+from fathom_tune.tuners import Request, Tuner, TuningResult, one_run_storage
 
 __all__ = ["Fathom"]
 
-_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,22 +43,9 @@ class Fathom(Tuner):
     def tune(self, request: Request) -> TuningResult:
         task = request.task
         name = request.study_name(self.name)
-        path = None
-        if request.checkpoint_dir is not None:
-            path = request.checkpoint_dir / (name.replace("/", "-") + ".npz")
-        opened = open_storage(request.storage)
-        if opened is not None and path is not None:
-            summaries = {s.study_name: s for s in optuna.get_all_study_summaries(opened)}
-            held = summaries.get(name)
-            if held is not None and not path.exists():
-                if record.LEDGER in held.user_attrs:  # finished: its record is the result
-                    _log.info("%s: complete, read from the storage", name)
-                    study = optuna.load_study(study_name=name, storage=opened)
-                    return result_from_record(record.read_run(study))
-                optuna.delete_study(study_name=name, storage=opened)
-                _log.warning("%s: held %d rounds and no checkpoint; deleted and run again", name, held.n_trials)
-            elif held is None and path.exists():
-                path.unlink()  # its study is gone; start over
+        opened, path, finished = one_run_storage(request, name)
+        if finished is not None:
+            return finished
         return optimize(
             task,
             config=self.config,

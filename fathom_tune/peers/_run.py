@@ -26,7 +26,7 @@ from fathom_tune.hparams import ClientHParams, HParams
 from fathom_tune.loop import Outcome, Progress, rounds_to_target, run
 from fathom_tune.storage import open_storage
 from fathom_tune.task import Task
-from fathom_tune.tuners import Request, Tuner, TuningResult, result_from_record
+from fathom_tune.tuners import Request, Tuner, TuningResult, one_run_storage
 
 __all__ = ["OneRunTuner", "PeerSchedule", "run_peer"]
 
@@ -248,21 +248,9 @@ class OneRunTuner(Tuner, abc.ABC):
 
     def tune(self, request: Request) -> TuningResult:
         name = request.study_name(self.name)
-        path = None
-        if request.checkpoint_dir is not None:
-            path = request.checkpoint_dir / (name.replace("/", "-") + ".npz")
-        opened = open_storage(request.storage)
-        if opened is not None and path is not None:
-            summaries = {s.study_name: s for s in optuna.get_all_study_summaries(opened)}
-            held = summaries.get(name)
-            if held is not None and not path.exists():
-                if record.LEDGER in held.user_attrs:  # finished: its record is the result
-                    study = optuna.load_study(study_name=name, storage=opened)
-                    return result_from_record(record.read_run(study))
-                optuna.delete_study(study_name=name, storage=opened)
-                _log.warning("%s: held %d rounds and no checkpoint; deleted and run again", name, held.n_trials)
-            elif held is None and path.exists():
-                path.unlink()  # its study is gone; start over
+        opened, path, finished = one_run_storage(request, name)
+        if finished is not None:
+            return finished
         return run_peer(
             request.task,
             self.schedule_for,
