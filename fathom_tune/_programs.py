@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
+
 
 class ClientStatistic(Protocol):
     """A per-client scalar folded over the local steps, computed inside the compiled step.
@@ -68,17 +70,48 @@ def describe_optimizer(optimizer: optax.GradientTransformation, params) -> str:
 
 
 class _Programs:
-    """The jitted programs of one (model, server optimizer, block, chunk, statistic) configuration.
+    """The jitted programs of one (model, server optimizer, block, chunk, statistic, devices)
+    configuration.
 
     Shared by every engine with that configuration (e.g. all trials of a
     baseline study on one task), so a new engine compiles nothing new.
+
+    With more than one device, a block's clients are split over a one-axis
+    mesh (``"clients"``) with :func:`jax.shard_map`: each device trains
+    ``client_block / len(devices)`` of them with the same per-device code as a
+    single device, and the weighted update is summed across devices
+    (``psum``). Everything else (the server model, its optimizer state, the
+    resident client data) is replicated.
     """
 
-    def __init__(self, model, server_optimizer, client_block: int, steps_per_call: int, statistic):
+    def __init__(self, model, server_optimizer, client_block: int, steps_per_call: int, statistic, devices):
         self.compiles: dict[str, int] = {}
         self.client_block = client_block
         self.server_optimizer = server_optimizer
+        self.devices = tuple(devices)
+        n_dev = len(self.devices)
+        if client_block % n_dev:
+            raise ValueError(f"client_block {client_block} is not a multiple of the {n_dev} devices")
+        local = client_block // n_dev  # clients per device
         steps = steps_per_call
+        if n_dev > 1:
+            self.mesh = jax.sharding.Mesh(np.array(self.devices), ("clients",))
+            self.replicated = jax.sharding.NamedSharding(self.mesh, P())
+            self.per_client = jax.sharding.NamedSharding(self.mesh, P("clients"))
+        else:
+            self.mesh = None
+            self.replicated = self.per_client = jax.sharding.SingleDeviceSharding(self.devices[0])
+        C, R = P("clients"), P()
+
+        def sharded(f, in_specs, out_specs):
+            """``f`` on each device's share of the clients (itself on one device)."""
+            if self.mesh is None:
+                return f
+            return jax.shard_map(f, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+        def total(u):
+            """The update summed over the devices' shares."""
+            return u if self.mesh is None else jax.lax.psum(u, "clients")
 
         def one_step(x0, params, stat, loss_sum, batch, ex_mask, on, step_key, eta, inv_b):
             def loss_fn(p):
@@ -92,14 +125,15 @@ class _Programs:
             params = jax.tree_util.tree_map(lambda a, b: jnp.where(on, a, b), new, params)
             return params, stat, loss_sum + jnp.where(on, loss, 0.0)
 
+        first = functools.partial(jax.tree_util.tree_map, operator.itemgetter(0))
+
         def block_step(x0, carry, batch, ex_mask, on, keys, eta, inv_b):
-            """One local step of every client of the block; ``on[j]``: client j still runs,
+            """One local step of a device's clients; ``on[j]``: client j still runs,
             with learning rate ``eta[j]``."""
             params, stat, loss_sum = carry
-            if self.client_block == 1:
+            if local == 1:
                 # No vmap: a vmapped convolution with per-client kernels becomes a
                 # grouped convolution, several times slower on XLA:CPU.
-                first = functools.partial(jax.tree_util.tree_map, operator.itemgetter(0))
                 out = one_step(
                     x0, first(params), stat[0], loss_sum[0], first(batch), ex_mask, on[0], keys[0], eta[0], inv_b
                 )
@@ -108,46 +142,118 @@ class _Programs:
                 x0, params, stat, loss_sum, batch, ex_mask, on, keys, eta, inv_b
             )
 
-        def local_steps(x0, params, stat, loss_sum, batches, ex_mask, active, seed, rnd, cidx, step0, eta, inv_b):
-            self._count("local_steps")
+        def client_keys(seed, rnd, cidx):
             base = jax.random.fold_in(jax.random.PRNGKey(seed), rnd)
-            keys = jax.vmap(lambda c: jax.random.fold_in(base, c))(cidx)
-            carry = (params, stat, loss_sum)
-            for s in range(steps):  # unrolled: see the module docstring
-                batch = jax.tree_util.tree_map(operator.itemgetter((slice(None), s)), batches)
-                step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step0 + s)
-                # Steps past a client's K_i are computed and masked out: a lax.cond
-                # around a convolution step was measured 14x slower on XLA:CPU.
-                carry = block_step(x0, carry, batch, ex_mask, active[:, s], step_keys, eta, inv_b)
-            return carry
+            return jax.vmap(lambda c: jax.random.fold_in(base, c))(cidx)
+
+        def step_keys(keys, k):
+            return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, k)
+
+        def spread(x0):
+            return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (local,) + a.shape), x0)
+
+        def weighted_update(x0, params, weights):
+            return total(
+                jax.tree_util.tree_map(lambda a, b: jnp.tensordot(weights, a[None] - b, axes=1), x0, params)
+            )
 
         def client_loss(params, batch, mask):
             """The summed loss of one client's model on its masked validation examples."""
             preds = model.apply_for_eval(params, batch)
             return jnp.sum(model.train_loss(batch, preds) * mask)
 
-        def validation_loss(params, batches, mask):
-            self._count("validation_loss")
-            if self.client_block == 1:  # no vmap, as in block_step
-                first = functools.partial(jax.tree_util.tree_map, operator.itemgetter(0))
+        def validation_body(params, batches, mask):
+            if local == 1:  # no vmap, as in block_step
                 return client_loss(first(params), first(batches), mask[0])[None]
             return jax.vmap(client_loss)(params, batches, mask)
 
+        # ---- the host-fed path: batches gathered on the host, a call per chunk of steps
+        def local_steps_body(x0, params, stat, loss_sum, batches, ex_mask, active, keys, step0, eta, inv_b):
+            carry = (params, stat, loss_sum)
+            for s in range(steps):  # unrolled: see the module docstring
+                batch = jax.tree_util.tree_map(operator.itemgetter((slice(None), s)), batches)
+                # Steps past a client's K_i are computed and masked out: a lax.cond
+                # around a convolution step was measured 14x slower on XLA:CPU.
+                carry = block_step(
+                    x0, carry, batch, ex_mask, active[:, s], step_keys(keys, step0 + s), eta, inv_b
+                )
+            return carry
+
+        def local_steps(x0, params, stat, loss_sum, batches, ex_mask, active, seed, rnd, cidx, step0, eta, inv_b):
+            self._count("local_steps")
+            body = sharded(local_steps_body, (R, C, C, C, C, R, C, C, R, C, R), (C, C, C))
+            keys = client_keys(seed, rnd, cidx)
+            return body(x0, params, stat, loss_sum, batches, ex_mask, active, keys, step0, eta, inv_b)
+
+        def validation_loss(params, batches, mask):
+            self._count("validation_loss")
+            return sharded(validation_body, (C, C, C), C)(params, batches, mask)
+
         def broadcast(x0):
             self._count("broadcast")
-            p = self.client_block
-            return jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (p,) + a.shape), x0)
+            return sharded(spread, (R,), C)(x0)
 
         def accumulate(u, x0, params, weights):
             self._count("accumulate")
-            return jax.tree_util.tree_map(
-                lambda acc, a, b: acc + jnp.tensordot(weights, a[None] - b, axes=1), u, x0, params
-            )
+            add = sharded(weighted_update, (R, C, C), R)(x0, params, weights)
+            return jax.tree_util.tree_map(jnp.add, u, add)
+
+        def apply_server(params, opt_state, u):
+            updates, opt_state = self.server_optimizer.update(u, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
 
         def server_update(params, opt_state, u):
             self._count("server_update")
-            updates, opt_state = self.server_optimizer.update(u, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
+            return apply_server(params, opt_state, u)
+
+        # ---- the resident path: client data on the device, a block in one call
+        def resident_body(x0, data, plan, n_steps, ex_mask, keys, eta, inv_b, weights, stat0, val):
+            carry = (spread(x0), jnp.full((local,), stat0, jnp.float32), jnp.zeros((local,), jnp.float32))
+
+            def chunk(c, carry):
+                for s in range(steps):  # unrolled chunks of steps inside a loop over chunks
+                    k = c * steps + s
+                    idx = jax.lax.dynamic_index_in_dim(plan, k, axis=1, keepdims=False)
+                    batch = jax.tree_util.tree_map(lambda d: d[idx], data)
+                    carry = block_step(x0, carry, batch, ex_mask, k < n_steps, step_keys(keys, k), eta, inv_b)
+                return carry
+
+            n_chunks = (jnp.max(n_steps) + steps - 1) // steps
+            params, stat, loss_sum = jax.lax.fori_loop(0, n_chunks, chunk, carry)
+            if val is None:
+                before = after = jnp.zeros((local,), jnp.float32)
+            else:
+                val_data, val_idx, val_mask = val
+                vbatch = jax.tree_util.tree_map(lambda d: d[val_idx], val_data)
+                before = validation_body(spread(x0), vbatch, val_mask)
+                after = validation_body(params, vbatch, val_mask)
+            return weighted_update(x0, params, weights), stat, loss_sum, before, after
+
+        def block_round(x0, opt_state, u, data, plan, ints, floats, seed, rnd, val, finish):
+            """A block of clients from the server model to its summed update (and, with
+            ``finish``, the server update): one call, batches gathered on the device.
+
+            Small inputs come packed, one transfer each: ``ints`` = (steps per client,
+            client indices, B), ``floats`` = (learning rates, weights, 1 / B, the
+            statistic's start); the per-client outputs come back as one array
+            (statistic, summed loss, validation before, after).
+            """
+            self._count("local_steps")
+            p = client_block
+            n_steps, cidx, b_int = ints[:p], ints[p : 2 * p], ints[2 * p]
+            eta, weights, inv_b, stat0 = floats[:p], floats[p : 2 * p], floats[2 * p], floats[2 * p + 1]
+            ex_mask = (jnp.arange(plan.shape[2]) < b_int).astype(jnp.float32)
+            val_specs = None if val is None else (R, C, C)
+            body = sharded(resident_body, (R, R, C, C, R, C, C, R, C, R, val_specs), (R, C, C, C, C))
+            keys = client_keys(seed, rnd, cidx)
+            add, stat, loss_sum, before, after = body(
+                x0, data, plan, n_steps, ex_mask, keys, eta, inv_b, weights, stat0, val
+            )
+            u = jax.tree_util.tree_map(jnp.add, u, add)
+            params = x0
+            if finish:
+                params, opt_state = apply_server(x0, opt_state, u)
+            return params, opt_state, u, jnp.stack([stat, loss_sum, before, after])
 
         def evaluate(params, batches):
             self._count("evaluate")
@@ -166,19 +272,24 @@ class _Programs:
                 lambda s: s.result(), stat, is_leaf=lambda v: isinstance(v, fedjax.metrics.Stat)
             )
 
+        rep = self.replicated
         self.local_steps = jax.jit(local_steps, donate_argnums=(1, 2, 3))
         self.validation_loss = jax.jit(validation_loss)
         self.broadcast = jax.jit(broadcast)
-        self.zeros = jax.jit(functools.partial(jax.tree_util.tree_map, jnp.zeros_like))
+        self.zeros = jax.jit(functools.partial(jax.tree_util.tree_map, jnp.zeros_like), out_shardings=rep)
         self.accumulate = jax.jit(accumulate, donate_argnums=(0,))
-        self.server_update = jax.jit(server_update)
+        self.server_update = jax.jit(server_update, out_shardings=rep)
+        self.block_round = jax.jit(block_round, static_argnames=("finish",))
         self.evaluate = jax.jit(evaluate)
-        self.init = jax.jit(model.init)
+        self.init = jax.jit(model.init, out_shardings=rep)
 
     def _count(self, name: str) -> None:
         # Runs only while JAX traces a function, i.e. once per compiled program.
         self.compiles[name] = self.compiles.get(name, 0) + 1
 
+    def put(self, tree, per_client: bool = False):
+        """``tree`` on this configuration's devices: replicated, or split on its first axis."""
+        return jax.device_put(tree, self.per_client if per_client else self.replicated)
 
 
 LARGE_MODEL_EQNS = 200
@@ -200,5 +311,5 @@ def count_eqns(jaxpr) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def programs(model, server_optimizer, client_block: int, steps_per_call: int, statistic) -> _Programs:
-    return _Programs(model, server_optimizer, client_block, steps_per_call, statistic)
+def programs(model, server_optimizer, client_block: int, steps_per_call: int, statistic, devices) -> _Programs:
+    return _Programs(model, server_optimizer, client_block, steps_per_call, statistic, devices)

@@ -31,6 +31,27 @@ def default_buckets(max_size: int = 1 << 16) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def fine_buckets(max_size: int = 1 << 16) -> tuple[int, ...]:
+    """A close batch-size ladder for compute-bound steps: every size to 16, then
+    eight per doubling (``18, 20, ..., 32, 36, 40, ..., 64, 72, ...``), up to
+    the first that holds ``max_size``.
+
+    Padding costs at most an eighth of a step (none at 8, 16, 20, 32, 64 or
+    any size up to 16; 4% at 50); a batch size drifting from 4 to 256 meets
+    45 buckets.
+
+    >>> fine_buckets(64)[14:]
+    (15, 16, 18, 20, 22, 24, 26, 28, 30, 32, 36, 40, 44, 48, 52, 56, 60, 64)
+    """
+    out = list(range(1, 17))
+    step = 2
+    while out[-1] < max_size:
+        out.extend(range(out[-1] + step, 2 * out[-1] + 1, step))
+        step *= 2
+    n = next(i for i, b in enumerate(out) if b >= max_size)
+    return tuple(out[: n + 1])  # up to the first size that holds max_size
+
+
 def bucket_size(batch: int, buckets: Sequence[int]) -> int:
     """The smallest bucket >= ``batch``.
 
@@ -78,6 +99,28 @@ def batch_indices(num_examples: int, steps: int, batch: int, rng: np.random.Gene
     passes = -(-need // num_examples)
     flat = np.concatenate([rng.permutation(num_examples) for _ in range(passes)])[:need]
     return flat.reshape(steps, batch)
+
+
+class Shuffles:
+    """One client's passes over its ``n`` examples in a round, drawn from ``rng`` as
+    needed: what :func:`batch_indices` cuts into batches, drawable ahead of time.
+
+    >>> a = Shuffles(np.random.default_rng(0), 10).take(12)
+    >>> b = batch_indices(10, 3, 4, np.random.default_rng(0)).ravel()
+    >>> bool((a == b).all())
+    True
+    """
+
+    def __init__(self, rng: np.random.Generator, n: int):
+        self._rng, self._n, self._passes = rng, n, []
+
+    def take(self, need: int) -> np.ndarray:
+        """The first ``need`` indices of the consecutive passes."""
+        while len(self._passes) * self._n < need:
+            self._passes.append(self._rng.permutation(self._n))
+        if len(self._passes) == 1:
+            return self._passes[0][:need]
+        return np.concatenate(self._passes)[:need]
 
 
 @dataclasses.dataclass(frozen=True)

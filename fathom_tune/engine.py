@@ -19,14 +19,29 @@ Hypergradient Descent", A. K. Kan, arXiv 2211.02106):
 
 How it is fast with bounded compilation:
 
-* Batch sizes are padded up to a small ladder of bucket sizes
-  (``1, 2, 3, 4, 6, 8, 12, 16, 24, ...``) and the padding is masked out of the
-  loss, so every step still averages over exactly ``B_int`` real examples;
-  only a new bucket compiles a new program.
+* Batch sizes are padded up to a ladder of bucket sizes and the padding is
+  masked out of the loss, so every step still averages over exactly
+  ``B_int`` real examples; only a new bucket compiles a new program. Where a
+  step is bound by compute (convolutions on XLA:CPU) the ladder is close
+  (:func:`fine_buckets`: padding at most an eighth); elsewhere it is coarse
+  (:func:`default_buckets`: ``1, 2, 3, 4, 6, 8, 12, 16, 24, ...``).
 * The number of local steps is data, not shape: clients run in blocks of
   ``client_block`` clients (``jax.vmap``), each block in chunks of
   ``steps_per_call`` unrolled steps; steps past a client's ``K_i`` are masked.
 * The learning rate, the round and the client indices are traced arguments.
+* Small models (a round bound by dispatch, not compute): every client's data
+  lives on the devices and a block of clients runs in one compiled call that
+  gathers its batches there, loops over its chunks of steps, forms the
+  weighted update and, for a round of one block, applies the server update.
+  The host sends only the batch plan (example indices) and a few packed
+  scalars, and draws the next round's client sample and shuffles while the
+  devices compute.
+* Compute-bound models on XLA:CPU (convolutions, long unrolled LSTMs) run one
+  client per device, their batches gathered on the host per chunk of steps:
+  a compiled loop around a convolution step was measured many times slower.
+* Every local device: the clients of a block are split over a mesh of all
+  local devices (``devices=``; ``jax.shard_map`` over a ``"clients"`` axis)
+  and their updates summed across it; one device runs the same code unsplit.
 
 Per-client hyperparameters (FedEx, Khodak et al., arXiv 2106.04502, gives
 every sampled client its own configuration): :meth:`Engine.run_round` also
@@ -69,7 +84,9 @@ from fathom_tune._rounds import (
     bucket_size,
     client_rng,
     default_buckets,
+    fine_buckets,
     sample_clients,
+    Shuffles,
 )
 from fathom_tune.hparams import ClientHParams, HParams
 from fathom_tune.task import Task
@@ -87,6 +104,7 @@ __all__ = [
     "client_rng",
     "default_buckets",
     "describe_optimizer",
+    "fine_buckets",
     "sample_clients",
 ]
 
@@ -112,6 +130,7 @@ class EngineSettings:
         client_statistic: the client statistic's name, or None.
         client_validation: the share of each client's training examples held
             out for its own validation loss (0: none).
+        devices: the local devices a round's clients are split over.
     """
 
     server_optimizer: str
@@ -121,9 +140,34 @@ class EngineSettings:
     eval_batch_size: int
     client_statistic: str | None
     client_validation: float = 0.0
+    devices: int = 1
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The fields by name; ``devices`` only when more than one (one device is how
+        every earlier run was recorded, so their checkpoints still match)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if out["devices"] == 1:
+            del out["devices"]
+        return out
+
+
+def _local_devices(devices) -> tuple:
+    """The devices named by ``Engine(devices=...)``: None (all local ones), a count, or devices."""
+    every = jax.local_devices()
+    if devices is None:
+        return tuple(every)
+    if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        if not 1 <= devices <= len(every):
+            raise ValueError(
+                f"devices must be between 1 and the {len(every)} local device(s) of the "
+                f"{jax.default_backend()} backend, got {devices}"
+            )
+        return tuple(every[: int(devices)])
+    if isinstance(devices, Sequence) and devices and all(isinstance(d, jax.Device) for d in devices):
+        if len(set(devices)) != len(devices):
+            raise ValueError(f"devices must not repeat a device, got {list(devices)!r}")
+        return tuple(devices)
+    raise TypeError(f"devices must be None, an int or a sequence of jax devices, got {devices!r}")
 
 
 class Engine:
@@ -134,19 +178,24 @@ class Engine:
         seed: drives model initialisation, client sampling and client shuffling.
         server_optimizer: an optax transformation applied to the mean update
             as if it were a gradient. Default ``optax.sgd(1.0)`` (plain FedAvg).
-        buckets: ascending batch-size ladder (see :func:`default_buckets`);
-            the largest must hold the task's upper batch-size bound.
-        client_block: clients trained together with ``jax.vmap``. ``None``
-            (auto) trains all clients of a round at once, except on XLA:CPU
-            for models with convolutions (a vmapped convolution with
-            per-client kernels becomes a grouped convolution there, measured
-            several times slower) and for models with long forward passes
-            (more than :data:`LARGE_MODEL_EQNS` operations per example, e.g.
-            an unrolled LSTM: compiled far slower vmapped), which run one
-            client at a time (BENCHMARKS.md).
-        steps_per_call: local steps unrolled into one compiled call; steps
-            past a client's ``K_i`` in its last call are computed and masked.
-            ``None`` (auto): 1 when clients run one at a time (compute-bound
+        buckets: ascending batch-size ladder; the largest must hold the task's
+            upper batch-size bound. ``None``: :func:`fine_buckets` (padding at
+            most an eighth of a step) where steps are compute-bound (models
+            trained one client per device on XLA:CPU, see ``client_block``),
+            else :func:`default_buckets` (fewer programs; padding is nearly
+            free where a round is bound by dispatch, not compute).
+        client_block: clients trained together (``jax.vmap``, split over
+            ``devices``); a multiple of the number of devices. ``None`` (auto)
+            trains all clients of a round at once, except on XLA:CPU for
+            models with convolutions (a vmapped convolution with per-client
+            kernels becomes a grouped convolution there, measured several
+            times slower) and for models with long forward passes (more than
+            :data:`LARGE_MODEL_EQNS` operations per example, e.g. an unrolled
+            LSTM: compiled far slower vmapped), which run one client per
+            device at a time (BENCHMARKS.md).
+        steps_per_call: local steps unrolled into one compiled chunk; steps
+            past a client's ``K_i`` in its last chunk are computed and masked.
+            ``None`` (auto): 1 when clients run one per device (compute-bound
             models: no step is wasted), else 4 (dispatch-bound small models; 4
             measured faster than 8 and no slower than 2 on digits).
         eval_batch_size: batch size of evaluation (padded and masked).
@@ -159,6 +208,26 @@ class Engine:
             the round reports its validation loss before and after local
             training (:attr:`RoundResult.validation_before` and
             ``validation_after``). 0 (default): no held-out part.
+        devices: the local devices a round's clients are split over (a mesh
+            over a client axis; results equal one device's within float32
+            rounding). ``None``: every device of JAX's default backend
+            (``jax.local_devices()``); an int: the first that many; or a
+            sequence of devices. On XLA:CPU,
+            ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` gives four.
+        resident_bytes: client data up to this size is kept on the devices
+            once, and a block of clients is trained in one compiled call
+            with its batches gathered there (the round of a small model is
+            bound by dispatch, not compute); larger data, and clients run one
+            per device on XLA:CPU, are gathered on the host per chunk of
+            steps. Default 1 GiB.
+
+    Rounds run two ways, with the same results up to float32 rounding:
+    client data resident on the devices with a block of clients in one
+    compiled call (gather, local steps, the weighted update and, for a
+    round of one block, the server update), or batches gathered on the host
+    per chunk of steps, which keeps a compute-bound convolution step out of a
+    compiled loop (a loop over convolution steps was measured many times
+    slower on XLA:CPU).
 
     Example:
         >>> import fathom_tune
@@ -183,6 +252,8 @@ class Engine:
         eval_batch_size: int = 256,
         client_statistic: ClientStatistic | None = None,
         client_validation: float = 0.0,
+        devices: int | Sequence | None = None,
+        resident_bytes: int = 1 << 30,
     ):
         if not isinstance(task, Task):
             raise TypeError(f"task must be a fathom_tune.Task, got {type(task).__name__}")
@@ -199,21 +270,9 @@ class Engine:
                 "server_optimizer must be an optax.GradientTransformation, "
                 f"got {type(server_optimizer).__name__}"
             )
-        buckets = tuple(default_buckets() if buckets is None else buckets)
-        if not buckets or any(
-            isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in buckets
-        ) or list(buckets) != sorted(set(buckets)):
-            raise ValueError(f"buckets must be strictly ascending ints >= 1, got {buckets!r}")
-        widest = task.bounds.upper.batch_int
-        if buckets[-1] < widest:
-            raise ValueError(
-                f"buckets: the largest bucket {buckets[-1]} is smaller than the batch size "
-                f"{widest} that task.bounds allows; the largest bucket must be >= {widest}"
-            )
         self.task = task
         self.seed = int(seed)
         self.server_optimizer = server_optimizer
-        self.buckets = tuple(int(b) for b in buckets)
         self.clients_per_round = task.clients_per_round
         self.eval_batch_size = checks.positive_int("eval_batch_size", eval_batch_size)
         self.client_statistic = client_statistic
@@ -229,17 +288,52 @@ class Engine:
         self._client_sizes = full_sizes - self._held_sizes
         self._examples: dict[int, Mapping[str, np.ndarray]] = {}
         self._validation: dict[int, Mapping[str, np.ndarray]] = {}
+        self.devices = _local_devices(devices)
+        n_dev = len(self.devices)
+        cpu_kind = self._cpu_kind() if jax.default_backend() == "cpu" else None
+        one_at_a_time = cpu_kind is not None
         if client_block is None:
-            one_at_a_time = jax.default_backend() == "cpu" and self._one_at_a_time_on_cpu()
-            client_block = 1 if one_at_a_time else self.clients_per_round
+            client_block = n_dev if one_at_a_time else -(-self.clients_per_round // n_dev) * n_dev
         block = checks.positive_int("client_block", client_block)
-        self.client_block = min(block, self.clients_per_round)
+        if block % n_dev:
+            raise ValueError(
+                f"client_block must be a multiple of the {n_dev} devices the clients are split over, "
+                f"got {block}; pass devices=1 to train on one device"
+            )
+        self.client_block = min(block, -(-self.clients_per_round // n_dev) * n_dev)
+        per_device = self.client_block // n_dev
+        self.resident_bytes = checks.positive_int("resident_bytes", resident_bytes)
+        self.resident = self._fits_on_devices(per_device)
         if steps_per_call is None:
-            steps_per_call = 1 if self.client_block == 1 else 4
+            # One client per device: compute-bound, no step wasted. Resident: the
+            # compiled loop runs only the chunks needed, 1 step each measured no
+            # slower than 2-8 on digits. Gathered on the host: 4 per call.
+            steps_per_call = 1 if per_device == 1 or self.resident else 4
         self.steps_per_call = checks.positive_int("steps_per_call", steps_per_call)
+        if buckets is None:
+            # Close buckets where a step is compute-bound and compiles fast (convolutions);
+            # the LSTM's programs compile for tens of seconds each, so it keeps the
+            # coarse ladder.
+            buckets = fine_buckets() if cpu_kind == "conv" and per_device == 1 else default_buckets()
+        buckets = tuple(buckets)
+        if not buckets or any(
+            isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in buckets
+        ) or list(buckets) != sorted(set(buckets)):
+            raise ValueError(f"buckets must be strictly ascending ints >= 1, got {buckets!r}")
+        widest = task.bounds.upper.batch_int
+        if buckets[-1] < widest:
+            raise ValueError(
+                f"buckets: the largest bucket {buckets[-1]} is smaller than the batch size "
+                f"{widest} that task.bounds allows; the largest bucket must be >= {widest}"
+            )
+        self.buckets = tuple(int(b) for b in buckets)
+        self._resident: dict | None = None
+        self._zero_update = None
+        self._rungs: dict[int, int] = {}  # bucket -> chunks its plans hold
+        self._ahead: tuple | None = None  # (round, sampled clients, their Shuffles) drawn ahead
         self._eval_batches: dict[str, list] = {}
         self._programs = programs(
-            task.model, server_optimizer, self.client_block, self.steps_per_call, client_statistic
+            task.model, server_optimizer, self.client_block, self.steps_per_call, client_statistic, self.devices
         )
         self._param_shapes = jax.eval_shape(task.model.init, jax.random.PRNGKey(0))
         self.param_bytes = int(
@@ -259,11 +353,13 @@ class Engine:
                 eval_batch_size=self.eval_batch_size,
                 client_statistic=getattr(self.client_statistic, "name", None),
                 client_validation=self.client_validation,
+                devices=len(self.devices),
             )
         return self._settings
 
-    def _one_at_a_time_on_cpu(self) -> bool:
-        """Whether XLA:CPU should train this model one client at a time.
+    def _cpu_kind(self) -> str | None:
+        """Whether XLA:CPU should train this model one client at a time, and why:
+        ``"conv"``, ``"long"`` or None (no: vmap the clients).
 
         Yes for convolutions (see ``client_block``) and for models whose
         forward pass on one example is longer than :data:`LARGE_MODEL_EQNS`
@@ -276,7 +372,9 @@ class Engine:
         sample = {k: v[:1] for k, v in self._client_examples(0).items()}
         params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
         jaxpr = jax.make_jaxpr(model.apply_for_train)(params, sample, jax.random.PRNGKey(0))
-        return "conv_general_dilated" in str(jaxpr) or count_eqns(jaxpr.jaxpr) > LARGE_MODEL_EQNS
+        if "conv_general_dilated" in str(jaxpr):
+            return "conv"
+        return "long" if count_eqns(jaxpr.jaxpr) > LARGE_MODEL_EQNS else None
 
     # ----------------------------------------------------------------- programs
     @property
@@ -363,7 +461,7 @@ class Engine:
             raise TypeError(f"hparams must be an HParams or a ClientHParams, got {type(hparams).__name__}")
         t0 = time.perf_counter()
         rnd = state.round
-        sampled = self.sampled(rnd)
+        sampled = self._ahead[1] if self._ahead is not None and self._ahead[0] == rnd else self.sampled(rnd)
         sizes = self._client_sizes[sampled]
         client_hp = per_client or (hparams,) * len(sampled)
         b_ints = np.array([hp.batch_int for hp in client_hp])
@@ -372,65 +470,27 @@ class Engine:
         weights_all = sizes / sizes.sum()
         validate = self.client_validation > 0.0
 
-        x0 = state.params
-        u = self._programs.zeros(x0)
-        p_block, s_call = self.client_block, self.steps_per_call
+        blocks = self._blocks(steps, b_ints)
         stat0 = 0.0 if self.client_statistic is None else float(self.client_statistic.initial)
         stat = np.full(len(sampled), stat0, np.float64)
         loss = np.zeros(len(sampled), np.float64)
         val_before = np.zeros(len(sampled), np.float64)
         val_after = np.zeros(len(sampled), np.float64)
-        pending = []
-        for members in self._blocks(steps, b_ints):
-            b_int = int(b_ints[members[0]])
-            bucket = bucket_size(b_int, self.buckets)
-            ex_mask = np.zeros(bucket, np.float32)
-            ex_mask[:b_int] = 1.0
-            inv_b = np.float32(1.0 / b_int)
-            eta = np.zeros(p_block, np.float32)
-            eta[: len(members)] = etas[members]
-            k_block = int(steps[members].max())
-            n_calls = -(-k_block // s_call)
-            plans = [
-                self._batch_plan(int(sampled[m]), rnd, int(steps[m]), b_int, n_calls * s_call, bucket)
-                for m in members
-            ]
-            params = self._programs.broadcast(x0)
-            stat_b = np.full(p_block, stat0, np.float32)
-            loss_b = np.zeros(p_block, np.float32)
-            cidx = np.zeros(p_block, np.int32)
-            cidx[: len(members)] = sampled[members]
-            active_all = np.zeros((p_block, n_calls * s_call), bool)
-            for j, m in enumerate(members):
-                active_all[j, : steps[m]] = True
-            if validate:
-                val_batch, val_mask = self._validation_block(members, sampled, p_block)
-                before_b = self._programs.validation_loss(params, val_batch, val_mask)
-            for call in range(n_calls):
-                sl = slice(call * s_call, (call + 1) * s_call)
-                batches = self._gather(members, sampled, plans, sl, p_block)
-                params, stat_b, loss_b = self._programs.local_steps(
-                    x0, params, stat_b, loss_b, batches, ex_mask, active_all[:, sl],
-                    self.seed, rnd, cidx, call * s_call, eta, inv_b,
-                )
-            if validate:
-                after_b = self._programs.validation_loss(params, val_batch, val_mask)
-                pending_val = (before_b, after_b)
-            else:
-                pending_val = None
-            w = np.zeros(p_block, np.float32)
-            w[: len(members)] = weights_all[members]
-            u = self._programs.accumulate(u, x0, params, w)
-            pending.append((members, stat_b, loss_b, pending_val))
-        new_params, opt_state = self._programs.server_update(x0, state.opt_state, u)
+        run = self._resident_blocks if self._resident_data() is not None else self._host_blocks
+        new_params, opt_state, u, pending = run(
+            state, blocks, sampled, steps, b_ints, etas, weights_all, stat0, validate
+        )
+        if run == self._resident_blocks:
+            self._draw_ahead(rnd + 1)
         held = self._held_sizes[sampled]
-        for members, stat_b, loss_b, pending_val in pending:
-            stat[members] = np.asarray(stat_b)[: len(members)]
-            loss[members] = np.asarray(loss_b)[: len(members)] / steps[members]
-            if pending_val is not None:
+        for members, out in pending:
+            out = np.asarray(out)[:, : len(members)]  # statistic, loss, validation before, after
+            stat[members] = out[0]
+            loss[members] = out[1] / steps[members]
+            if validate:
                 n_val = np.maximum(held[members], 1)
-                val_before[members] = np.asarray(pending_val[0])[: len(members)] / n_val
-                val_after[members] = np.asarray(pending_val[1])[: len(members)] / n_val
+                val_before[members] = out[2] / n_val
+                val_after[members] = out[3] / n_val
         jax.block_until_ready(new_params)
         seconds = time.perf_counter() - t0
         n_clients = len(sampled)
@@ -465,6 +525,165 @@ class Engine:
     def sampled(self, round_index: int) -> np.ndarray:
         """Indices (into ``task.train.client_ids()``) of the clients of round ``round_index``."""
         return sample_clients(self.seed, round_index, len(self._client_ids), self.clients_per_round)
+
+    def _block_arrays(self, members, sampled, steps, etas, weights_all, b_int):
+        """Per-block inputs padded to ``client_block`` clients (padding clients run no step)."""
+        p_block = self.client_block
+        bucket = bucket_size(b_int, self.buckets)
+        ex_mask = np.zeros(bucket, np.float32)
+        ex_mask[:b_int] = 1.0
+        eta = np.zeros(p_block, np.float32)
+        eta[: len(members)] = etas[members]
+        w = np.zeros(p_block, np.float32)
+        w[: len(members)] = weights_all[members]
+        cidx = np.zeros(p_block, np.int32)
+        cidx[: len(members)] = sampled[members]
+        n_steps = np.zeros(p_block, np.int32)
+        n_steps[: len(members)] = steps[members]
+        return bucket, ex_mask, eta, w, cidx, n_steps
+
+    def _host_blocks(self, state, blocks, sampled, steps, b_ints, etas, weights_all, stat0, validate):
+        """Each block's batches gathered on the host, one compiled call per chunk of steps."""
+        x0 = state.params
+        u = self._programs.zeros(x0)
+        p_block, s_call = self.client_block, self.steps_per_call
+        pending = []
+        for members in blocks:
+            b_int = int(b_ints[members[0]])
+            bucket, ex_mask, eta, w, cidx, n_steps = self._block_arrays(
+                members, sampled, steps, etas, weights_all, b_int
+            )
+            inv_b = np.float32(1.0 / b_int)
+            n_calls = -(-int(n_steps.max()) // s_call)
+            plans = [
+                self._batch_plan(int(sampled[m]), state.round, int(steps[m]), b_int, n_calls * s_call, bucket)
+                for m in members
+            ]
+            params = self._programs.broadcast(x0)
+            stat_b = np.full(p_block, stat0, np.float32)
+            loss_b = np.zeros(p_block, np.float32)
+            active_all = np.arange(n_calls * s_call)[None, :] < n_steps[:, None]
+            if validate:
+                val_batch, val_mask = self._validation_block(members, sampled, p_block)
+                before_b = self._programs.validation_loss(params, val_batch, val_mask)
+            for call in range(n_calls):
+                sl = slice(call * s_call, (call + 1) * s_call)
+                batches = self._gather(members, sampled, plans, sl, p_block)
+                params, stat_b, loss_b = self._programs.local_steps(
+                    x0, params, stat_b, loss_b, batches, ex_mask, active_all[:, sl],
+                    self.seed, state.round, cidx, call * s_call, eta, inv_b,
+                )
+            if validate:
+                after_b = self._programs.validation_loss(params, val_batch, val_mask)
+            else:
+                before_b = after_b = loss_b
+            u = self._programs.accumulate(u, x0, params, w)
+            pending.append((members, [stat_b, loss_b, before_b, after_b]))
+        new_params, opt_state = self._programs.server_update(x0, state.opt_state, u)
+        return new_params, opt_state, u, pending
+
+    def _resident_blocks(self, state, blocks, sampled, steps, b_ints, etas, weights_all, stat0, validate):
+        """Each block in one compiled call on the resident data; a round of one block
+        also applies the server update in that call."""
+        data = self._resident
+        x0, opt_state = state.params, state.opt_state
+        if self._zero_update is None:
+            self._zero_update = self._programs.zeros(x0)
+        u = self._zero_update
+        p, s_call = self.client_block, self.steps_per_call
+        shuffles = self._shuffles(state.round, sampled)
+        pending = []
+        new_params = x0
+        for b, members in enumerate(blocks):
+            b_int = int(b_ints[members[0]])
+            bucket = bucket_size(b_int, self.buckets)
+            m = len(members)
+            ints = np.zeros(2 * p + 1, np.int32)
+            ints[:m] = steps[members]
+            ints[p : p + m] = sampled[members]
+            ints[2 * p] = b_int
+            floats = np.zeros(2 * p + 2, np.float32)
+            floats[:m] = etas[members]
+            floats[p : p + m] = weights_all[members]
+            floats[2 * p] = 1.0 / b_int
+            floats[2 * p + 1] = stat0
+            # Rows of the plan: chunks rounded up to a power of two and never fewer
+            # than this bucket had before, so a bucket compiles again only when its
+            # step count outgrows every earlier one (bounded by log2 of the most steps).
+            n_chunks = -(-int(ints[:m].max()) // s_call)
+            rung = max(1 << max(n_chunks - 1, 0).bit_length(), self._rungs.get(bucket, 1))
+            self._rungs[bucket] = rung
+            plan = np.zeros((p, s_call * rung, bucket), np.int32)
+            for j, i in enumerate(members):
+                c, k = int(sampled[i]), int(steps[i])
+                plan[j, :k, :b_int] = shuffles[c].take(k * b_int).reshape(k, b_int)
+                plan[j] += data["offsets"][c]
+            val = self._resident_validation(members, sampled, p) if validate else None
+            new_params, opt_state, u, out = self._programs.block_round(
+                x0, opt_state, u, data["train"], plan, ints, floats, self.seed, state.round, val,
+                finish=b == len(blocks) - 1,
+            )
+            pending.append((members, out))
+        return new_params, opt_state, u, pending
+
+    def _shuffles(self, rnd: int, sampled) -> dict[int, Shuffles]:
+        """The round's :class:`Shuffles` per client: drawn ahead while the previous
+        round computed (see :meth:`_draw_ahead`), else now."""
+        ahead = self._ahead
+        self._ahead = None
+        if ahead is not None and ahead[0] == rnd:
+            return ahead[2]
+        return {int(c): Shuffles(client_rng(self.seed, rnd, int(c)), int(self._client_sizes[c])) for c in sampled}
+
+    def _draw_ahead(self, rnd: int) -> None:
+        """Samples round ``rnd``'s clients and draws their first shuffle, while the
+        devices compute the current round: the same draws, off the critical path."""
+        sampled = self.sampled(rnd)
+        shuffles = {}
+        for c in sampled:
+            sh = Shuffles(client_rng(self.seed, rnd, int(c)), int(self._client_sizes[c]))
+            sh.take(1)
+            shuffles[int(c)] = sh
+        self._ahead = (rnd, sampled, shuffles)
+
+    def _fits_on_devices(self, per_device: int) -> bool:
+        """Whether rounds run on resident client data (see ``resident_bytes``)."""
+        if per_device == 1 and jax.default_backend() == "cpu":
+            return False  # one client per device: compute-bound, kept out of compiled loops
+        n_all = int(self._client_sizes.sum() + self._held_sizes.sum())
+        per_example = sum(v[:1].nbytes for v in self._client_examples(0).values())
+        return n_all * per_example <= self.resident_bytes
+
+    def _resident_data(self) -> dict | None:
+        """Every client's training (and validation) examples on the devices, loaded at
+        the first round; None where this engine gathers on the host."""
+        if not self.resident:
+            return None
+        if self._resident is not None:
+            return self._resident
+        parts = [self._client_examples(i) for i in range(len(self._client_ids))]
+        offsets = np.concatenate([[0], np.cumsum(self._client_sizes)[:-1]]).astype(np.int32)
+        train = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        resident = {"offsets": offsets, "train": self._programs.put(train)}
+        if self.client_validation > 0.0:
+            vparts = [self._client_validation(i) for i in range(len(self._client_ids))]
+            resident["val_offsets"] = np.concatenate([[0], np.cumsum(self._held_sizes)[:-1]]).astype(np.int32)
+            resident["val"] = self._programs.put({k: np.concatenate([p[k] for p in vparts]) for k in vparts[0]})
+        self._resident = resident
+        return resident
+
+    def _resident_validation(self, members, sampled, p_block):
+        """The block's validation examples as indices into the resident data, and their masks."""
+        held = self._held_sizes[sampled[members]]
+        bucket = bucket_size(max(int(held.max()), 1), self.buckets)
+        idx = np.zeros((p_block, bucket), np.int32)
+        mask = np.zeros((p_block, bucket), np.float32)
+        for j, m in enumerate(members):
+            c, n = int(sampled[m]), int(held[j])
+            idx[j] = self._resident["val_offsets"][c]
+            idx[j, :n] += np.arange(n, dtype=np.int32)
+            mask[j, :n] = 1.0
+        return self._resident["val"], idx, mask
 
     def _blocks(self, steps: np.ndarray, b_ints: np.ndarray) -> list[np.ndarray]:
         """The round's clients in blocks of at most ``client_block`` with one batch size each,

@@ -140,17 +140,24 @@ def test_client_sampling_is_a_function_of_seed_and_round():
 
 
 def test_batch_size_sweep_compiles_a_bounded_number_of_programs():
+    # One training program per batch bucket met while B grows (the step count
+    # only falls); a bucket compiles again only when its step count outgrows
+    # every earlier one (chunks rounded up to a power of two).
     task = toy_task(sizes=(300,) * 4, clients_per_round=2)
     eng = Engine(task, seed=0, steps_per_call=2)
     s = eng.init()
-    for b in np.geomspace(4, 256, 40):
-        s, _ = eng.run_round(s, HParams(0.05, 0.5, float(b)))
-    buckets_met = {bucket_size(HParams(0.05, 0.5, float(b)).batch_int, default_buckets()) for b in np.geomspace(4, 256, 40)}
-    assert eng.compile_counts["local_steps"] == len(buckets_met) <= 13
+    sweep = [HParams(0.05, 0.5, float(b)) for b in np.geomspace(4, 256, 40)]
+    for hp in sweep:
+        s, _ = eng.run_round(s, hp)
+    buckets_met = {bucket_size(hp.batch_int, default_buckets()) for hp in sweep}
+    assert eng.compile_counts["local_steps"] == len(buckets_met) == 13
     before = eng.compile_count
-    for lr, e in [(0.01, 0.2), (0.3, 3.0), (0.001, 9.0)]:
-        s, _ = eng.run_round(s, HParams(lr, e, 200.0))  # 200 -> bucket 256, already compiled
-    assert eng.compile_count == before
+    # B = 200 -> bucket 256, last met with K = 1. E = 9: K = ceil(9 * 300 / 200) = 14,
+    # 7 chunks of 2: a new program; E = 3 (K = 5) and E = 0.2 (K = 1) fit in it.
+    for lr, e, new in [(0.001, 9.0, 1), (0.3, 3.0, 0), (0.01, 0.2, 0)]:
+        s, _ = eng.run_round(s, HParams(lr, e, 200.0))
+        assert eng.compile_count == before + new
+        before = eng.compile_count
 
 
 def test_server_optimizer_sees_the_mean_update_as_a_gradient():
@@ -318,7 +325,7 @@ def test_cpu_trains_long_unrolled_models_one_client_at_a_time():
     # far below the threshold, 100 steps far above it.
     short = Engine(toy_task(model=_unrolled_model(10)))
     long = Engine(toy_task(model=_unrolled_model(100)))
-    assert (short.client_block, short.steps_per_call) == (4, 4)  # all 4 clients vmapped
+    assert (short.client_block, short.steps_per_call) == (4, 1)  # all 4 clients vmapped, resident
     assert (long.client_block, long.steps_per_call) == (1, 1)
     # An explicit choice is kept.
     assert Engine(toy_task(model=_unrolled_model(100)), client_block=2).client_block == 2

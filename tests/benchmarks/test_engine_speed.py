@@ -14,7 +14,7 @@ from fedjax.algorithms import fed_avg
 
 import fathom_tune
 from fathom_tune import Bounds, HParams, Target, Task
-from fathom_tune.engine import Engine
+from fathom_tune.engine import Engine, bucket_size
 
 ROUNDS = 5
 
@@ -66,13 +66,16 @@ def fedjax_round(task, hparams, seed=0):
     return step
 
 
-def engine_round(task, hparams, seed=0, **kwargs):
+def engine_round(task, hparams, seed=0, advance=False, **kwargs):
+    """A closure running one engine round: the same round (same clients) every time,
+    like the FedJAX closure, or with ``advance`` consecutive rounds, as a run does."""
     engine = Engine(task, seed=seed, **kwargs)
     state = [engine.init()]
 
     def step():
-        # The same round (same clients) every time, like the FedJAX closure.
         s, _ = engine.run_round(state[0], hparams)
+        if advance:
+            state[0] = s
         jax.block_until_ready(s.params)
 
     return step
@@ -100,18 +103,160 @@ def test_round_time(benchmark, case, impl):
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1)
 
 
-def test_batch_size_sweep_compilations(benchmark):
-    """Compiled programs when B drifts from 4 to 256 over 40 rounds (digits)."""
-    task = fathom_tune.tasks.digits()
+SWEEP_CASES = {
+    # digits: clients vmapped, the default ladder; conv: one client per device on
+    # XLA:CPU, the close ladder (fine_buckets).
+    "digits": lambda: fathom_tune.tasks.digits(),
+    "emnist_conv": lambda: emnist_shaped_task(num_clients=2, examples=60),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SWEEP_CASES))
+def test_batch_size_sweep_compilations(benchmark, name):
+    """Compiled programs when B drifts from 4 to 256 over 40 rounds."""
+    import time
+
+    task = SWEEP_CASES[name]()
     engine = Engine(task, seed=0)
 
     def sweep():
         state = engine.init()
+        t = time.perf_counter()
         for b in np.geomspace(4, 256, 40):
             state, _ = engine.run_round(state, HParams(0.1, 1.0, float(b)))
-        return engine.compile_counts
+        return engine.compile_counts, time.perf_counter() - t
 
-    counts = benchmark.pedantic(sweep, rounds=1, iterations=1)
-    benchmark.extra_info.update(counts)
+    counts, seconds = benchmark.pedantic(sweep, rounds=1, iterations=1)
+    benchmark.extra_info.update(counts, seconds=seconds, buckets=len(engine.buckets), backend=jax.default_backend())
     benchmark.group = "compilations"
-    assert counts["local_steps"] <= 13
+    print(f"\n{name}: {counts}, {seconds:.1f} s")
+    bound = 13 if name == "digits" else 45
+    assert counts["local_steps"] <= bound
+
+
+# ---------------------------------------------------------------------------
+# The compute floor (conv model) and dispatch-bound rounds, ratios in one run.
+
+REPEATS = 3
+
+
+def interleaved(fns: dict, repeats: int = REPEATS) -> dict:
+    """Median seconds of each closure, run in turn ``repeats`` times (drift hits all alike)."""
+    import statistics
+    import time
+
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def plain_sgd_floor(task, hparams, steps: int):
+    """A closure running ``steps`` plain jitted SGD steps of the model at batch size B:
+    no masks, no statistic, no padding (the compute floor of a round with that many steps)."""
+    model = task.model
+    b = hparams.batch_int
+    cid = next(iter(task.train.client_ids()))
+    ex = task.train.get_client(cid).all_examples()
+    batch = {k: jax.numpy.asarray(np.resize(v, (b,) + v.shape[1:])) for k, v in ex.items()}
+    eta = hparams.learning_rate
+
+    @jax.jit
+    def step(params, key):
+        def loss(p):
+            return jax.numpy.mean(model.train_loss(batch, model.apply_for_train(p, batch, key)))
+
+        g = jax.grad(loss)(params)
+        return jax.tree_util.tree_map(lambda p, gi: p - eta * gi, params, g)
+
+    params = model.init(jax.random.PRNGKey(0))
+    key = jax.random.PRNGKey(1)
+    jax.block_until_ready(step(params, key))
+
+    def run():
+        p = params
+        for _ in range(steps):
+            p = step(p, key)
+        jax.block_until_ready(p)
+
+    return run
+
+
+CONV_BATCHES = [8, 16, 20, 32, 50, 64]
+
+
+@pytest.mark.parametrize("b", CONV_BATCHES)
+def test_conv_round_against_compute_floor(benchmark, b):
+    """EMNIST conv model, 10 clients x 200 examples: FedJAX, the engine (static and with
+    FATHOM's statistic) and the compute floor, interleaved; ratios in ``extra_info``."""
+    from fathom_tune.fathom import LocalAgreement
+
+    task = emnist_shaped_task()
+    hp = HParams(0.05, 1.0, float(b))
+    steps = task.clients_per_round * hp.local_steps(200)
+    fns = {
+        "fedjax": fedjax_round(task, hp),
+        "engine": engine_round(task, hp),
+        "engine_phi": engine_round(task, hp, client_statistic=LocalAgreement()),
+        "floor": plain_sgd_floor(task, hp, steps),
+    }
+    for fn in fns.values():
+        fn()  # compile
+    med = benchmark.pedantic(lambda: interleaved(fns), rounds=1, iterations=1)
+    engine = Engine(task, seed=0)
+    info = {f"{k}_s": v for k, v in med.items()}
+    info.update(
+        batch=b,
+        bucket=bucket_size(b, engine.buckets),
+        engine_over_floor=med["engine"] / med["floor"],
+        engine_phi_over_floor=med["engine_phi"] / med["floor"],
+        fedjax_over_engine=med["fedjax"] / med["engine"],
+        backend=jax.default_backend(),
+    )
+    benchmark.group = "conv round vs compute floor"
+    benchmark.extra_info.update(info)
+    print(f"\nconv B={b}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
+
+
+DISPATCH_CASES = {
+    "digits": (lambda: fathom_tune.tasks.digits(), HParams(0.1, 1.0, 20.0)),
+    "synthetic": (lambda: fathom_tune.tasks.synthetic(), HParams(0.1, 1.0, 20.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DISPATCH_CASES))
+def test_dispatch_bound_round(benchmark, name):
+    """FedJAX's round against the engine's on the small models, interleaved, 200 rounds each
+    (the engine runs consecutive rounds, as in a run; FedJAX repeats its round-0 clients)."""
+    from fathom_tune.fathom import LocalAgreement
+
+    task = DISPATCH_CASES[name][0]()
+    hp = DISPATCH_CASES[name][1]
+    closures = {
+        "fedjax": fedjax_round(task, hp),
+        "engine": engine_round(task, hp, advance=True),
+        "engine_phi": engine_round(task, hp, advance=True, client_statistic=LocalAgreement()),
+        "engine_host_gather": engine_round(task, hp, advance=True, resident_bytes=1),
+    }
+    for fn in closures.values():
+        fn()
+
+    def many(fn, n=200):
+        return lambda: [fn() for _ in range(n)]
+
+    med = benchmark.pedantic(
+        lambda: interleaved({k: many(f) for k, f in closures.items()}, repeats=5), rounds=1, iterations=1
+    )
+    info = {f"{k}_ms": v / 200 * 1e3 for k, v in med.items()}
+    info.update(
+        fedjax_over_engine=med["fedjax"] / med["engine"],
+        fedjax_over_engine_phi=med["fedjax"] / med["engine_phi"],
+        backend=jax.default_backend(),
+        devices=len(jax.local_devices()),
+    )
+    benchmark.group = "dispatch-bound round"
+    benchmark.extra_info.update(info)
+    print(f"\n{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
