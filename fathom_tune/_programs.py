@@ -229,9 +229,10 @@ class _Programs:
                 after = validation_body(params, vbatch, val_mask)
             return weighted_update(x0, params, weights), stat, loss_sum, before, after
 
-        def block_round(x0, opt_state, u, data, plan, ints, floats, seed, rnd, val, finish):
-            """A block of clients from the server model to its summed update (and, with
-            ``finish``, the server update): one call, batches gathered on the device.
+        def block_round(x0, opt_state, u, data, plan, ints, floats, seed, rnd, val):
+            """A block of clients from the server model to the running sum of updates
+            ``u`` plus its own, and the server update from that sum: one call, batches
+            gathered on the device.
 
             Small inputs come packed, one transfer each: ``ints`` = (steps per client,
             client indices, B), ``floats`` = (learning rates, weights, 1 / B, the
@@ -250,9 +251,7 @@ class _Programs:
                 x0, data, plan, n_steps, ex_mask, keys, eta, inv_b, weights, stat0, val
             )
             u = jax.tree_util.tree_map(jnp.add, u, add)
-            params = x0
-            if finish:
-                params, opt_state = apply_server(x0, opt_state, u)
+            params, opt_state = apply_server(x0, opt_state, u)
             return params, opt_state, u, jnp.stack([stat, loss_sum, before, after])
 
         def evaluate(params, batches):
@@ -279,7 +278,7 @@ class _Programs:
         self.zeros = jax.jit(functools.partial(jax.tree_util.tree_map, jnp.zeros_like), out_shardings=rep)
         self.accumulate = jax.jit(accumulate, donate_argnums=(0,))
         self.server_update = jax.jit(server_update, out_shardings=rep)
-        self.block_round = jax.jit(block_round, static_argnames=("finish",))
+        self.block_round = jax.jit(block_round)
         self.evaluate = jax.jit(evaluate)
         self.init = jax.jit(model.init, out_shardings=rep)
 

@@ -594,7 +594,8 @@ class Engine:
         shuffles = self._shuffles(state.round, sampled)
         pending = []
         new_params = x0
-        for b, members in enumerate(blocks):
+        new_opt = opt_state
+        for members in blocks:
             b_int = int(b_ints[members[0]])
             bucket = bucket_size(b_int, self.buckets)
             m = len(members)
@@ -607,11 +608,12 @@ class Engine:
             floats[p : p + m] = weights_all[members]
             floats[2 * p] = 1.0 / b_int
             floats[2 * p + 1] = stat0
-            # Rows of the plan: chunks rounded up to a power of two and never fewer
-            # than this bucket had before, so a bucket compiles again only when its
-            # step count outgrows every earlier one (bounded by log2 of the most steps).
+            # Rows of the plan (the loop runs only the chunks needed): room for the
+            # most steps the task's bounds allow in this bucket, so learning rate and
+            # epochs compile nothing; past that, rounded up to a power of two.
             n_chunks = -(-int(ints[:m].max()) // s_call)
-            rung = max(1 << max(n_chunks - 1, 0).bit_length(), self._rungs.get(bucket, 1))
+            rung = self._rungs.get(bucket) or self._initial_rung(bucket)
+            rung = max(rung, 1 << max(n_chunks - 1, 0).bit_length())
             self._rungs[bucket] = rung
             plan = np.zeros((p, s_call * rung, bucket), np.int32)
             for j, i in enumerate(members):
@@ -619,12 +621,25 @@ class Engine:
                 plan[j, :k, :b_int] = shuffles[c].take(k * b_int).reshape(k, b_int)
                 plan[j] += data["offsets"][c]
             val = self._resident_validation(members, sampled, p) if validate else None
-            new_params, opt_state, u, out = self._programs.block_round(
-                x0, opt_state, u, data["train"], plan, ints, floats, self.seed, state.round, val,
-                finish=b == len(blocks) - 1,
+            # Every call also applies the server update (one optax step, next to
+            # nothing); the last block's is the round's.
+            new_params, new_opt, u, out = self._programs.block_round(
+                x0, opt_state, u, data["train"], plan, ints, floats, self.seed, state.round, val
             )
             pending.append((members, out))
-        return new_params, opt_state, u, pending
+        return new_params, new_opt, u, pending
+
+    def _initial_rung(self, bucket: int) -> int:
+        """Chunks a plan in ``bucket`` holds at first: enough for the largest local
+        epochs of ``task.bounds``, the largest client and the smallest batch size in
+        the bucket (a power of two; at most 2**20 plan entries, growing past that)."""
+        smallest = max([0] + [b for b in self.buckets if b < bucket]) + 1
+        epochs = self.task.bounds.upper.local_epochs
+        k_max = max(math.ceil(epochs * int(self._client_sizes.max()) / smallest), 1)
+        rung = 1 << max(-(-k_max // self.steps_per_call) - 1, 0).bit_length()
+        while rung > 1 and self.client_block * self.steps_per_call * rung * bucket > 1 << 20:
+            rung //= 2
+        return rung
 
     def _shuffles(self, rnd: int, sampled) -> dict[int, Shuffles]:
         """The round's :class:`Shuffles` per client: drawn ahead while the previous
@@ -673,9 +688,10 @@ class Engine:
         return resident
 
     def _resident_validation(self, members, sampled, p_block):
-        """The block's validation examples as indices into the resident data, and their masks."""
+        """The block's validation examples as indices into the resident data, and their
+        masks, padded to the largest client's part (one shape for every block)."""
         held = self._held_sizes[sampled[members]]
-        bucket = bucket_size(max(int(held.max()), 1), self.buckets)
+        bucket = bucket_size(max(int(self._held_sizes.max()), 1), self.buckets)
         idx = np.zeros((p_block, bucket), np.int32)
         mask = np.zeros((p_block, bucket), np.float32)
         for j, m in enumerate(members):
