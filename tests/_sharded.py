@@ -76,6 +76,10 @@ def main():
     cases.update([compare(
         "per_client", lambda d: Engine(task, seed=2, devices=d, client_validation=0.2), per_client
     )])
+    try:
+        Engine(task, devices=4, client_block=6)
+    except ValueError as e:
+        cases["block_error"] = str(e)
     print(json.dumps(cases))
 
 

@@ -216,6 +216,11 @@ def test_divergent_round_is_reported_not_finite():
         ({"client_block": 0}, ValueError, "client_block"),
         ({"steps_per_call": 0}, ValueError, "steps_per_call"),
         ({"eval_batch_size": True}, TypeError, "eval_batch_size"),
+        ({"devices": 0}, ValueError, r"devices must be between 1 and the 1 local device\(s\) of the cpu backend, got 0"),
+        ({"devices": 2}, ValueError, r"devices must be between 1 and the 1 local device\(s\).*got 2"),
+        ({"devices": "gpu"}, TypeError, r"devices must be None, an int or a sequence of jax devices, got 'gpu'"),
+        ({"devices": True}, TypeError, "devices must be None"),
+        ({"resident_bytes": 0}, ValueError, "resident_bytes"),
     ],
 )
 def test_engine_rejects_bad_arguments(kwargs, error, match):

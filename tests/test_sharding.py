@@ -39,3 +39,10 @@ def test_each_path_is_the_one_asked_for(four_devices):
     # the devices; one client per device gathers on the host.
     assert four_devices["resident"]["resident"] and four_devices["resident"]["client_block"] == 8
     assert not four_devices["host"]["resident"] and four_devices["host"]["client_block"] == 4
+
+
+def test_a_block_that_does_not_split_over_the_devices_is_refused(four_devices):
+    assert four_devices["block_error"] == (
+        "client_block must be a multiple of the 4 devices the clients are split over, got 6; "
+        "pass devices=1 to train on one device"
+    )
