@@ -583,8 +583,8 @@ class Engine:
         return new_params, opt_state, u, pending
 
     def _resident_blocks(self, state, blocks, sampled, steps, b_ints, etas, weights_all, stat0, validate):
-        """Each block in one compiled call on the resident data; a round of one block
-        also applies the server update in that call."""
+        """Each block in one compiled call on the resident data, the server update
+        included (the last block's is the round's)."""
         data = self._resident
         x0, opt_state = state.params, state.opt_state
         if self._zero_update is None:
@@ -593,25 +593,15 @@ class Engine:
         p, s_call = self.client_block, self.steps_per_call
         shuffles = self._shuffles(state.round, sampled)
         pending = []
-        new_params = x0
-        new_opt = opt_state
         for members in blocks:
             b_int = int(b_ints[members[0]])
-            bucket = bucket_size(b_int, self.buckets)
-            m = len(members)
-            ints = np.zeros(2 * p + 1, np.int32)
-            ints[:m] = steps[members]
-            ints[p : p + m] = sampled[members]
-            ints[2 * p] = b_int
-            floats = np.zeros(2 * p + 2, np.float32)
-            floats[:m] = etas[members]
-            floats[p : p + m] = weights_all[members]
-            floats[2 * p] = 1.0 / b_int
-            floats[2 * p + 1] = stat0
+            bucket, _, eta, w, cidx, n_steps = self._block_arrays(members, sampled, steps, etas, weights_all, b_int)
+            ints = np.concatenate([n_steps, cidx, [b_int]]).astype(np.int32)
+            floats = np.concatenate([eta, w, [1.0 / b_int, stat0]]).astype(np.float32)
             # Rows of the plan (the loop runs only the chunks needed): room for the
             # most steps the task's bounds allow in this bucket, so learning rate and
             # epochs compile nothing; past that, rounded up to a power of two.
-            n_chunks = -(-int(ints[:m].max()) // s_call)
+            n_chunks = -(-int(n_steps.max()) // s_call)
             rung = self._rungs.get(bucket) or self._initial_rung(bucket)
             rung = max(rung, 1 << max(n_chunks - 1, 0).bit_length())
             self._rungs[bucket] = rung

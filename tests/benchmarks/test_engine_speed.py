@@ -6,6 +6,8 @@ Each pair of benchmarks shares a group; BENCHMARKS.md reports the ratio of
 the means (FedJAX / engine; above 1 means the engine is faster).
 """
 
+import os
+
 import fedjax
 import jax
 import numpy as np
@@ -137,7 +139,7 @@ def test_batch_size_sweep_compilations(benchmark, name):
 # ---------------------------------------------------------------------------
 # The compute floor (conv model) and dispatch-bound rounds, ratios in one run.
 
-REPEATS = 3
+REPEATS = int(os.environ.get("ENGINE_BENCH_REPEATS", "3"))
 
 
 def interleaved(fns: dict, repeats: int = REPEATS) -> dict:
