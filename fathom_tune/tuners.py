@@ -98,6 +98,24 @@ class TuningResult:
     test_metrics: dict[str, float]
     target: Target
 
+    @classmethod
+    def of_run(cls, out, task: Task, *, study, hparams, test_metrics, history=None) -> TuningResult:
+        """The result of one run (:func:`fathom_tune.loop.run`'s output ``out``) on
+        ``task``; ``history`` replaces ``out.history`` (e.g. with columns reordered)."""
+        history = out.history if history is None else history
+        return cls(
+            study=study,
+            history=history,
+            hparams=hparams,
+            params=out.params,
+            cost=out.cost,
+            rounds_to_target=rounds_to_target(history, task.target),
+            examples_to_target=rounds_to_target(history, task.target, column="examples"),
+            validation_metrics=out.final_metrics,
+            test_metrics=test_metrics,
+            target=task.target,
+        )
+
 
 def _recorded(request: Request, tuner: str) -> optuna.Study | None:
     """The tuner's study in a persistent storage, if it exists (after an interrupt)."""
@@ -321,17 +339,8 @@ def fedavg(
         raise TypeError(f"hparams must be an HParams, got {hparams!r}")
     engine = Engine(task, seed=seed, **engine_kwargs)
     out = run(engine, Static(hparams), num_rounds=num_rounds, eval_every=eval_every, progress=progress)
-    return TuningResult(
-        study=None,
-        history=out.history,
-        hparams=hparams,
-        params=out.params,
-        cost=out.cost,
-        rounds_to_target=rounds_to_target(out.history, task.target),
-        examples_to_target=rounds_to_target(out.history, task.target, column="examples"),
-        validation_metrics=out.final_metrics,
-        test_metrics=engine.evaluate(out.params, "test"),
-        target=task.target,
+    return TuningResult.of_run(
+        out, task, study=None, hparams=hparams, test_metrics=engine.evaluate(out.params, "test")
     )
 
 

@@ -33,7 +33,7 @@ from fathom_tune.fathom.hypergrad import LocalAgreement, ServerTracker, local_hy
 from fathom_tune.fathom.sampler import FathomSampler, report_divergence, report_round
 from fathom_tune.fathom.state import FathomConfig
 from fathom_tune.hparams import NAMES, HParams
-from fathom_tune.loop import Outcome, Progress, rounds_to_target, run
+from fathom_tune.loop import Outcome, Progress, run
 from fathom_tune.storage import open_storage
 from fathom_tune.task import Task
 from fathom_tune.tuners import TuningResult
@@ -425,21 +425,10 @@ class _Run:
         record.write_outcome(
             study, hparams=hparams, validation=out.final_metrics, test=test_metrics, ledger=out.cost
         )
-        history = out.history
         order = ["round", *NAMES, "local_steps", "H", "G", "train_loss"]
-        history = history[order + [c for c in history.columns if c not in order]]
-        target = self.task.target
-        return TuningResult(
-            study=study,
-            history=history,
-            hparams=hparams,
-            params=out.params,
-            cost=out.cost,
-            rounds_to_target=rounds_to_target(history, target),
-            examples_to_target=rounds_to_target(history, target, column="examples"),
-            validation_metrics=out.final_metrics,
-            test_metrics=test_metrics,
-            target=target,
+        history = out.history[order + [c for c in out.history.columns if c not in order]]
+        return TuningResult.of_run(
+            out, self.task, study=study, hparams=hparams, test_metrics=test_metrics, history=history
         )
 
 

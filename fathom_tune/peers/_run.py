@@ -23,7 +23,7 @@ from fathom_tune import checkpoint as ckpt
 from fathom_tune import checks, record
 from fathom_tune.engine import Engine, RoundResult
 from fathom_tune.hparams import ClientHParams, HParams
-from fathom_tune.loop import Outcome, Progress, rounds_to_target, run
+from fathom_tune.loop import Outcome, Progress, run
 from fathom_tune.storage import open_storage
 from fathom_tune.task import Task
 from fathom_tune.tuners import Request, Tuner, TuningResult, one_run_storage
@@ -204,19 +204,7 @@ def run_peer(
         test_metrics = engine.evaluate(out.params, "test")
         hparams = schedule.returned()
         record.write_outcome(study, hparams=hparams, validation=out.final_metrics, test=test_metrics, ledger=out.cost)
-    target = task.target
-    return TuningResult(
-        study=study,
-        history=out.history,
-        hparams=hparams,
-        params=out.params,
-        cost=out.cost,
-        rounds_to_target=rounds_to_target(out.history, target),
-        examples_to_target=rounds_to_target(out.history, target, column="examples"),
-        validation_metrics=out.final_metrics,
-        test_metrics=test_metrics,
-        target=target,
-    )
+    return TuningResult.of_run(out, task, study=study, hparams=hparams, test_metrics=test_metrics)
 
 
 @dataclasses.dataclass(frozen=True)
