@@ -1,0 +1,238 @@
+"""How the engine trains a block of clients: the two paths of a round.
+
+:class:`~fathom_tune.engine.Engine` runs every round through one of them
+(see its module docstring):
+
+* resident: every client's data on the devices, a block of clients in one
+  compiled call (batches gathered on the device, the server update
+  included), the next round's sample and shuffles drawn while it runs;
+* host-gathered: a block's batches gathered on the host, one compiled call
+  per chunk of steps (compute-bound models on XLA:CPU).
+
+Both return ``(new params, optimizer state, update, pending)`` where
+``pending`` lists each block's clients and its per-client outputs
+(statistic, summed loss, validation loss before and after).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+
+from fathom_tune._rounds import Shuffles, batch_indices, bucket_size, client_rng
+
+__all__: list[str] = []
+
+
+class _RoundPaths:
+    """The engine's round paths, as methods of :class:`~fathom_tune.engine.Engine`
+    (they read its configuration and caches)."""
+
+    def _block_arrays(self, members, sampled, steps, etas, weights_all, b_int):
+        """Per-block inputs padded to ``client_block`` clients (padding clients run no step)."""
+        p_block = self.client_block
+        bucket = bucket_size(b_int, self.buckets)
+        ex_mask = np.zeros(bucket, np.float32)
+        ex_mask[:b_int] = 1.0
+        eta = np.zeros(p_block, np.float32)
+        eta[: len(members)] = etas[members]
+        w = np.zeros(p_block, np.float32)
+        w[: len(members)] = weights_all[members]
+        cidx = np.zeros(p_block, np.int32)
+        cidx[: len(members)] = sampled[members]
+        n_steps = np.zeros(p_block, np.int32)
+        n_steps[: len(members)] = steps[members]
+        return bucket, ex_mask, eta, w, cidx, n_steps
+
+    def _host_blocks(self, state, blocks, sampled, steps, b_ints, etas, weights_all, stat0, validate):
+        """Each block's batches gathered on the host, one compiled call per chunk of steps."""
+        x0 = state.params
+        u = self._programs.zeros(x0)
+        p_block, s_call = self.client_block, self.steps_per_call
+        pending = []
+        for members in blocks:
+            b_int = int(b_ints[members[0]])
+            bucket, ex_mask, eta, w, cidx, n_steps = self._block_arrays(
+                members, sampled, steps, etas, weights_all, b_int
+            )
+            inv_b = np.float32(1.0 / b_int)
+            n_calls = -(-int(n_steps.max()) // s_call)
+            plans = [
+                self._batch_plan(int(sampled[m]), state.round, int(steps[m]), b_int, n_calls * s_call, bucket)
+                for m in members
+            ]
+            params = self._programs.broadcast(x0)
+            stat_b = np.full(p_block, stat0, np.float32)
+            loss_b = np.zeros(p_block, np.float32)
+            active_all = np.arange(n_calls * s_call)[None, :] < n_steps[:, None]
+            if validate:
+                val_batch, val_mask = self._validation_block(members, sampled, p_block)
+                before_b = self._programs.validation_loss(params, val_batch, val_mask)
+            for call in range(n_calls):
+                sl = slice(call * s_call, (call + 1) * s_call)
+                batches = self._gather(members, sampled, plans, sl, p_block)
+                params, stat_b, loss_b = self._programs.local_steps(
+                    x0, params, stat_b, loss_b, batches, ex_mask, active_all[:, sl],
+                    self.seed, state.round, cidx, call * s_call, eta, inv_b,
+                )
+            if validate:
+                after_b = self._programs.validation_loss(params, val_batch, val_mask)
+            else:
+                before_b = after_b = loss_b
+            u = self._programs.accumulate(u, x0, params, w)
+            pending.append((members, [stat_b, loss_b, before_b, after_b]))
+        new_params, opt_state = self._programs.server_update(x0, state.opt_state, u)
+        return new_params, opt_state, u, pending
+
+    def _resident_blocks(self, state, blocks, sampled, steps, b_ints, etas, weights_all, stat0, validate):
+        """Each block in one compiled call on the resident data, the server update
+        included (the last block's is the round's)."""
+        data = self._resident
+        x0, opt_state = state.params, state.opt_state
+        if self._zero_update is None:
+            self._zero_update = self._programs.zeros(x0)
+        u = self._zero_update
+        p, s_call = self.client_block, self.steps_per_call
+        shuffles = self._shuffles(state.round, sampled)
+        pending = []
+        for members in blocks:
+            b_int = int(b_ints[members[0]])
+            bucket, _, eta, w, cidx, n_steps = self._block_arrays(members, sampled, steps, etas, weights_all, b_int)
+            ints = np.concatenate([n_steps, cidx, [b_int]]).astype(np.int32)
+            floats = np.concatenate([eta, w, [1.0 / b_int, stat0]]).astype(np.float32)
+            # Rows of the plan (the loop runs only the chunks needed): room for the
+            # most steps the task's bounds allow in this bucket, so learning rate and
+            # epochs compile nothing; past that, rounded up to a power of two.
+            n_chunks = -(-int(n_steps.max()) // s_call)
+            rung = self._rungs.get(bucket) or self._initial_rung(bucket)
+            rung = max(rung, 1 << max(n_chunks - 1, 0).bit_length())
+            self._rungs[bucket] = rung
+            plan = np.zeros((p, s_call * rung, bucket), np.int32)
+            for j, i in enumerate(members):
+                c, k = int(sampled[i]), int(steps[i])
+                plan[j, :k, :b_int] = shuffles[c].take(k * b_int).reshape(k, b_int)
+                plan[j] += data["offsets"][c]
+            val = self._resident_validation(members, sampled, p) if validate else None
+            # Every call also applies the server update (one optax step, next to
+            # nothing); the last block's is the round's.
+            new_params, new_opt, u, out = self._programs.block_round(
+                x0, opt_state, u, data["train"], plan, ints, floats, self.seed, state.round, val
+            )
+            pending.append((members, out))
+        return new_params, new_opt, u, pending
+
+    def _initial_rung(self, bucket: int) -> int:
+        """Chunks a plan in ``bucket`` holds at first: enough for the largest local
+        epochs of ``task.bounds``, the largest client and the smallest batch size in
+        the bucket (a power of two; at most 2**20 plan entries, growing past that)."""
+        smallest = max([0] + [b for b in self.buckets if b < bucket]) + 1
+        epochs = self.task.bounds.upper.local_epochs
+        k_max = max(math.ceil(epochs * int(self._client_sizes.max()) / smallest), 1)
+        rung = 1 << max(-(-k_max // self.steps_per_call) - 1, 0).bit_length()
+        while rung > 1 and self.client_block * self.steps_per_call * rung * bucket > 1 << 20:
+            rung //= 2
+        return rung
+
+    def _shuffles(self, rnd: int, sampled) -> dict[int, Shuffles]:
+        """The round's :class:`Shuffles` per client: drawn ahead while the previous
+        round computed (see :meth:`_draw_ahead`), else now."""
+        ahead = self._ahead
+        self._ahead = None
+        if ahead is not None and ahead[0] == rnd:
+            return ahead[2]
+        return {int(c): Shuffles(client_rng(self.seed, rnd, int(c)), int(self._client_sizes[c])) for c in sampled}
+
+    def _draw_ahead(self, rnd: int) -> None:
+        """Samples round ``rnd``'s clients and draws their first shuffle, while the
+        devices compute the current round: the same draws, off the critical path."""
+        sampled = self.sampled(rnd)
+        shuffles = {}
+        for c in sampled:
+            sh = Shuffles(client_rng(self.seed, rnd, int(c)), int(self._client_sizes[c]))
+            sh.take(1)
+            shuffles[int(c)] = sh
+        self._ahead = (rnd, sampled, shuffles)
+
+    def _fits_on_devices(self, per_device: int) -> bool:
+        """Whether rounds run on resident client data (see ``resident_bytes``)."""
+        if per_device == 1 and jax.default_backend() == "cpu":
+            return False  # one client per device: compute-bound, kept out of compiled loops
+        n_all = int(self._client_sizes.sum() + self._held_sizes.sum())
+        per_example = sum(v[:1].nbytes for v in self._client_examples(0).values())
+        return n_all * per_example <= self.resident_bytes
+
+    def _resident_data(self) -> dict | None:
+        """Every client's training (and validation) examples on the devices, loaded at
+        the first round; None where this engine gathers on the host."""
+        if not self.resident:
+            return None
+        if self._resident is not None:
+            return self._resident
+        parts = [self._client_examples(i) for i in range(len(self._client_ids))]
+        offsets = np.concatenate([[0], np.cumsum(self._client_sizes)[:-1]]).astype(np.int32)
+        train = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        resident = {"offsets": offsets, "train": self._programs.put(train)}
+        if self.client_validation > 0.0:
+            vparts = [self._client_validation(i) for i in range(len(self._client_ids))]
+            resident["val_offsets"] = np.concatenate([[0], np.cumsum(self._held_sizes)[:-1]]).astype(np.int32)
+            resident["val"] = self._programs.put({k: np.concatenate([p[k] for p in vparts]) for k in vparts[0]})
+        self._resident = resident
+        return resident
+
+    def _resident_validation(self, members, sampled, p_block):
+        """The block's validation examples as indices into the resident data, and their
+        masks, padded to the largest client's part (one shape for every block)."""
+        held = self._held_sizes[sampled[members]]
+        bucket = bucket_size(max(int(self._held_sizes.max()), 1), self.buckets)
+        idx = np.zeros((p_block, bucket), np.int32)
+        mask = np.zeros((p_block, bucket), np.float32)
+        for j, m in enumerate(members):
+            c, n = int(sampled[m]), int(held[j])
+            idx[j] = self._resident["val_offsets"][c]
+            idx[j, :n] += np.arange(n, dtype=np.int32)
+            mask[j, :n] = 1.0
+        return self._resident["val"], idx, mask
+
+    def _validation_block(self, members, sampled, p_block):
+        """The block's validation parts, padded to one bucket, and their masks."""
+        held = [int(self._held_sizes[sampled[m]]) for m in members]
+        bucket = bucket_size(max(max(held), 1), self.buckets)
+        first = self._client_validation(int(sampled[members[0]]))
+        out = {}
+        mask = np.zeros((p_block, bucket), np.float32)
+        for key, arr in first.items():
+            buf = np.zeros((p_block, bucket) + arr.shape[1:], arr.dtype)
+            for j, m in enumerate(members):
+                part = self._client_validation(int(sampled[m]))[key]
+                buf[j, : len(part)] = part
+            out[key] = buf
+        for j, n in enumerate(held):
+            mask[j, :n] = 1.0
+        return out, mask
+
+    def _batch_plan(self, client: int, rnd: int, k: int, b_int: int, total_steps: int, bucket: int):
+        """Example indices ``[total_steps, bucket]`` of one client: shuffle, repeat.
+
+        The first ``k`` rows hold ``b_int`` real indices each, drawn from
+        consecutive passes over a fresh permutation per epoch; padding slots and
+        the rows of inactive steps point at example 0 and are masked.
+        """
+        rng = client_rng(self.seed, rnd, client)
+        plan = np.zeros((total_steps, bucket), np.int64)
+        plan[:k, :b_int] = batch_indices(int(self._client_sizes[client]), k, b_int, rng)
+        return plan
+
+    def _gather(self, members, sampled, plans, sl, p_block):
+        first = self._client_examples(int(sampled[members[0]]))
+        out = {}
+        for key, arr in first.items():
+            shape = (p_block,) + plans[0][sl].shape + arr.shape[1:]
+            buf = np.zeros(shape, arr.dtype)
+            for j, m in enumerate(members):
+                buf[j] = self._client_examples(int(sampled[m]))[key][plans[j][sl]]
+            if len(members) < p_block:
+                buf[len(members) :] = buf[0]
+            out[key] = buf
+        return out
