@@ -39,6 +39,40 @@ class ClientStatistic(Protocol):
         """The statistic after one more local step (traced under ``jax.jit``)."""
 
 
+class LocalRate(Protocol):
+    """A rule that scales each client's learning rate step by step, inside the compiled steps.
+
+    Each client starts at ``state = init(context)``, where ``context =
+    context(opt_state)`` is read from the server optimizer's state at the
+    round's start (e.g. the previous round's global update). Local step
+    ``k`` runs with learning rate ``eta * factor(state)``; after it, with the
+    step's displacement ``d = x_{k+1} - x_k``, ``state = update(state,
+    context, d)``. Steps past the client's ``K_i`` leave the state unchanged;
+    ``report(state)`` (a scalar per client) comes back in the round's result.
+    Implementations are hashable (frozen dataclasses) and their ``name``
+    says everything that changes what they do: engines with equal rules
+    share compiled programs and checkpoints record the name.
+    FedHyper-CL is one (:class:`fathom_tune.peers.fedhyper.ClientRate`).
+    """
+
+    name: str
+
+    def context(self, opt_state: Any) -> Any:
+        """What every client of the round reads (traced; from the server optimizer's state)."""
+
+    def init(self, context: Any) -> Any:
+        """A client's state before its first local step."""
+
+    def factor(self, state: Any) -> jax.Array:
+        """The factor on the client's learning rate for its next step."""
+
+    def update(self, state: Any, context: Any, displacement: Any) -> Any:
+        """The state after a local step that moved the client's model by ``displacement``."""
+
+    def report(self, state: Any) -> jax.Array:
+        """A scalar per client for the round's result (e.g. its last factor)."""
+
+
 def describe_optimizer(optimizer: optax.GradientTransformation, params) -> str:
     """A digest of what ``optimizer`` does: three updates of ``params`` on a fixed probe.
 
@@ -70,8 +104,8 @@ def describe_optimizer(optimizer: optax.GradientTransformation, params) -> str:
 
 
 class _Programs:
-    """The jitted programs of one (model, server optimizer, block, chunk, statistic, devices)
-    configuration.
+    """The jitted programs of one (model, server optimizer, block, chunk, statistic, local rate,
+    devices) configuration.
 
     Shared by every engine with that configuration (e.g. all trials of a
     baseline study on one task), so a new engine compiles nothing new.
@@ -84,7 +118,9 @@ class _Programs:
     resident client data) is replicated.
     """
 
-    def __init__(self, model, server_optimizer, client_block: int, steps_per_call: int, statistic, devices):
+    def __init__(
+        self, model, server_optimizer, client_block: int, steps_per_call: int, statistic, local_rate, devices
+    ):
         self.compiles: dict[str, int] = {}
         self.client_block = client_block
         self.server_optimizer = server_optimizer
@@ -113,34 +149,53 @@ class _Programs:
             """The update summed over the devices' shares."""
             return u if self.mesh is None else jax.lax.psum(u, "clients")
 
-        def one_step(x0, params, stat, loss_sum, batch, ex_mask, on, step_key, eta, inv_b):
+        def kept(on, a, b):
+            return jax.tree_util.tree_map(lambda x, y: jnp.where(on, x, y), a, b)
+
+        def one_step(x0, ctx, params, stat, loss_sum, rate, batch, ex_mask, on, step_key, eta, inv_b):
             def loss_fn(p):
                 preds = model.apply_for_train(p, batch, step_key)
                 return jnp.sum(model.train_loss(batch, preds) * ex_mask) * inv_b
 
             loss, g = jax.value_and_grad(loss_fn)(params)
-            new = jax.tree_util.tree_map(lambda p, gi: p - eta * gi, params, g)
+            lr = eta if local_rate is None else eta * local_rate.factor(rate).astype(eta.dtype)
+            new = jax.tree_util.tree_map(lambda p, gi: p - lr * gi, params, g)
             if statistic is not None:  # static runs trace none of it
                 stat = jnp.where(on, statistic.update(stat, x0, g, new).astype(stat.dtype), stat)
-            params = jax.tree_util.tree_map(lambda a, b: jnp.where(on, a, b), new, params)
-            return params, stat, loss_sum + jnp.where(on, loss, 0.0)
+            if local_rate is not None:  # nor of this
+                moved = jax.tree_util.tree_map(jnp.subtract, new, params)
+                rate = kept(on, local_rate.update(rate, ctx, moved), rate)
+            return kept(on, new, params), stat, loss_sum + jnp.where(on, loss, 0.0), rate
 
         first = functools.partial(jax.tree_util.tree_map, operator.itemgetter(0))
 
-        def block_step(x0, carry, batch, ex_mask, on, keys, eta, inv_b):
+        def block_step(x0, ctx, carry, batch, ex_mask, on, keys, eta, inv_b):
             """One local step of a device's clients; ``on[j]``: client j still runs,
-            with learning rate ``eta[j]``."""
-            params, stat, loss_sum = carry
+            with learning rate ``eta[j]`` (times its local rate's factor)."""
+            params, stat, loss_sum, rate = carry
             if local == 1:
                 # No vmap: a vmapped convolution with per-client kernels becomes a
                 # grouped convolution, several times slower on XLA:CPU.
                 out = one_step(
-                    x0, first(params), stat[0], loss_sum[0], first(batch), ex_mask, on[0], keys[0], eta[0], inv_b
+                    x0, ctx, first(params), stat[0], loss_sum[0], first(rate), first(batch), ex_mask, on[0],
+                    keys[0], eta[0], inv_b,
                 )
                 return jax.tree_util.tree_map(lambda a: a[None], out)
-            return jax.vmap(one_step, in_axes=(None, 0, 0, 0, 0, None, 0, 0, 0, None))(
-                x0, params, stat, loss_sum, batch, ex_mask, on, keys, eta, inv_b
+            return jax.vmap(one_step, in_axes=(None, None, 0, 0, 0, 0, 0, None, 0, 0, 0, None))(
+                x0, ctx, params, stat, loss_sum, rate, batch, ex_mask, on, keys, eta, inv_b
             )
+
+        def rate_start(opt_state):
+            """The local rate's context and every client's start state (empty without a rule)."""
+            if local_rate is None:
+                return (), ()
+            ctx = local_rate.context(opt_state)
+            return ctx, spread(local_rate.init(ctx))
+
+        def rate_report(rate):
+            if local_rate is None:
+                return jnp.zeros((local,), jnp.float32)
+            return jax.vmap(local_rate.report)(rate).astype(jnp.float32)
 
         def client_keys(seed, rnd, cidx):
             base = jax.random.fold_in(jax.random.PRNGKey(seed), rnd)
@@ -168,22 +223,32 @@ class _Programs:
             return jax.vmap(client_loss)(params, batches, mask)
 
         # ---- the host-fed path: batches gathered on the host, a call per chunk of steps
-        def local_steps_body(x0, params, stat, loss_sum, batches, ex_mask, active, keys, step0, eta, inv_b):
-            carry = (params, stat, loss_sum)
+        def local_steps_body(x0, ctx, params, stat, loss_sum, rate, batches, ex_mask, active, keys, step0, eta, inv_b):
+            carry = (params, stat, loss_sum, rate)
             for s in range(steps):  # unrolled: see the module docstring
                 batch = jax.tree_util.tree_map(operator.itemgetter((slice(None), s)), batches)
                 # Steps past a client's K_i are computed and masked out: a lax.cond
                 # around a convolution step was measured 14x slower on XLA:CPU.
                 carry = block_step(
-                    x0, carry, batch, ex_mask, active[:, s], step_keys(keys, step0 + s), eta, inv_b
+                    x0, ctx, carry, batch, ex_mask, active[:, s], step_keys(keys, step0 + s), eta, inv_b
                 )
             return carry
 
-        def local_steps(x0, params, stat, loss_sum, batches, ex_mask, active, seed, rnd, cidx, step0, eta, inv_b):
+        def local_steps(
+            x0, ctx, params, stat, loss_sum, rate, batches, ex_mask, active, seed, rnd, cidx, step0, eta, inv_b
+        ):
             self._count("local_steps")
-            body = sharded(local_steps_body, (R, C, C, C, C, R, C, C, R, C, R), (C, C, C))
+            body = sharded(local_steps_body, (R, R, C, C, C, C, C, R, C, C, R, C, R), (C, C, C, C))
             keys = client_keys(seed, rnd, cidx)
-            return body(x0, params, stat, loss_sum, batches, ex_mask, active, keys, step0, eta, inv_b)
+            return body(x0, ctx, params, stat, loss_sum, rate, batches, ex_mask, active, keys, step0, eta, inv_b)
+
+        def start_rates(opt_state):
+            self._count("rate_start")
+            return sharded(rate_start, (R,), (R, C))(opt_state)
+
+        def report_rates(rate):
+            self._count("rate_report")
+            return sharded(rate_report, (C,), C)(rate)
 
         def validation_loss(params, batches, mask):
             self._count("validation_loss")
@@ -207,27 +272,31 @@ class _Programs:
             return apply_server(params, opt_state, u)
 
         # ---- the resident path: client data on the device, a block in one call
-        def resident_body(x0, data, plan, n_steps, ex_mask, keys, eta, inv_b, weights, stat0, val):
-            carry = (spread(x0), jnp.full((local,), stat0, jnp.float32), jnp.zeros((local,), jnp.float32))
+        def resident_body(x0, opt_state, data, plan, n_steps, ex_mask, keys, eta, inv_b, weights, stat0, val):
+            ctx, rate = rate_start(opt_state)
+            zeros = jnp.zeros((local,), jnp.float32)
+            carry = (spread(x0), jnp.full((local,), stat0, jnp.float32), zeros, rate)
 
             def chunk(c, carry):
                 for s in range(steps):  # unrolled chunks of steps inside a loop over chunks
                     k = c * steps + s
                     idx = jax.lax.dynamic_index_in_dim(plan, k, axis=1, keepdims=False)
                     batch = jax.tree_util.tree_map(lambda d: d[idx], data)
-                    carry = block_step(x0, carry, batch, ex_mask, k < n_steps, step_keys(keys, k), eta, inv_b)
+                    carry = block_step(
+                        x0, ctx, carry, batch, ex_mask, k < n_steps, step_keys(keys, k), eta, inv_b
+                    )
                 return carry
 
             n_chunks = (jnp.max(n_steps) + steps - 1) // steps
-            params, stat, loss_sum = jax.lax.fori_loop(0, n_chunks, chunk, carry)
+            params, stat, loss_sum, rate = jax.lax.fori_loop(0, n_chunks, chunk, carry)
             if val is None:
-                before = after = jnp.zeros((local,), jnp.float32)
+                before = after = zeros
             else:
                 val_data, val_idx, val_mask = val
                 vbatch = jax.tree_util.tree_map(lambda d: d[val_idx], val_data)
                 before = validation_body(spread(x0), vbatch, val_mask)
                 after = validation_body(params, vbatch, val_mask)
-            return weighted_update(x0, params, weights), stat, loss_sum, before, after
+            return weighted_update(x0, params, weights), stat, loss_sum, before, after, rate_report(rate)
 
         def block_round(x0, opt_state, u, data, plan, ints, floats, seed, rnd, val):
             """A block of clients from the server model to the running sum of updates
@@ -237,7 +306,7 @@ class _Programs:
             Small inputs come packed, one transfer each: ``ints`` = (steps per client,
             client indices, B), ``floats`` = (learning rates, weights, 1 / B, the
             statistic's start); the per-client outputs come back as one array
-            (statistic, summed loss, validation before, after).
+            (statistic, summed loss, validation before, after, the local rate's report).
             """
             self._count("local_steps")
             p = client_block
@@ -245,14 +314,14 @@ class _Programs:
             eta, weights, inv_b, stat0 = floats[:p], floats[p : 2 * p], floats[2 * p], floats[2 * p + 1]
             ex_mask = (jnp.arange(plan.shape[2]) < b_int).astype(jnp.float32)
             val_specs = None if val is None else (R, C, C)
-            body = sharded(resident_body, (R, R, C, C, R, C, C, R, C, R, val_specs), (R, C, C, C, C))
+            body = sharded(resident_body, (R, R, R, C, C, R, C, C, R, C, R, val_specs), (R, C, C, C, C, C))
             keys = client_keys(seed, rnd, cidx)
-            add, stat, loss_sum, before, after = body(
-                x0, data, plan, n_steps, ex_mask, keys, eta, inv_b, weights, stat0, val
+            add, stat, loss_sum, before, after, report = body(
+                x0, opt_state, data, plan, n_steps, ex_mask, keys, eta, inv_b, weights, stat0, val
             )
             u = jax.tree_util.tree_map(jnp.add, u, add)
             params, opt_state = apply_server(x0, opt_state, u)
-            return params, opt_state, u, jnp.stack([stat, loss_sum, before, after])
+            return params, opt_state, u, jnp.stack([stat, loss_sum, before, after, report])
 
         def evaluate(params, batches):
             self._count("evaluate")
@@ -272,7 +341,9 @@ class _Programs:
             )
 
         rep = self.replicated
-        self.local_steps = jax.jit(local_steps, donate_argnums=(1, 2, 3))
+        self.local_steps = jax.jit(local_steps, donate_argnums=(2, 3, 4, 5))
+        self.start_rates = jax.jit(start_rates)
+        self.report_rates = jax.jit(report_rates)
         self.validation_loss = jax.jit(validation_loss)
         self.broadcast = jax.jit(broadcast)
         self.zeros = jax.jit(functools.partial(jax.tree_util.tree_map, jnp.zeros_like), out_shardings=rep)
@@ -310,5 +381,7 @@ def count_eqns(jaxpr) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def programs(model, server_optimizer, client_block: int, steps_per_call: int, statistic, devices) -> _Programs:
-    return _Programs(model, server_optimizer, client_block, steps_per_call, statistic, devices)
+def programs(
+    model, server_optimizer, client_block: int, steps_per_call: int, statistic, local_rate, devices
+) -> _Programs:
+    return _Programs(model, server_optimizer, client_block, steps_per_call, statistic, local_rate, devices)

@@ -11,7 +11,8 @@
 
 Both return ``(new params, optimizer state, update, pending)`` where
 ``pending`` lists each block's clients and its per-client outputs
-(statistic, summed loss, validation loss before and after).
+(statistic, summed loss, validation loss before and after, the local rate's
+report).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class _RoundPaths:
                 for m in members
             ]
             params = self._programs.broadcast(x0)
+            ctx, rate = self._programs.start_rates(state.opt_state) if self.local_rate is not None else ((), ())
             stat_b = np.full(p_block, stat0, np.float32)
             loss_b = np.zeros(p_block, np.float32)
             active_all = np.arange(n_calls * s_call)[None, :] < n_steps[:, None]
@@ -73,16 +75,17 @@ class _RoundPaths:
             for call in range(n_calls):
                 sl = slice(call * s_call, (call + 1) * s_call)
                 batches = self._gather(members, sampled, plans, sl, p_block)
-                params, stat_b, loss_b = self._programs.local_steps(
-                    x0, params, stat_b, loss_b, batches, ex_mask, active_all[:, sl],
+                params, stat_b, loss_b, rate = self._programs.local_steps(
+                    x0, ctx, params, stat_b, loss_b, rate, batches, ex_mask, active_all[:, sl],
                     self.seed, state.round, cidx, call * s_call, eta, inv_b,
                 )
             if validate:
                 after_b = self._programs.validation_loss(params, val_batch, val_mask)
             else:
                 before_b = after_b = loss_b
+            report_b = self._programs.report_rates(rate) if self.local_rate is not None else loss_b
             u = self._programs.accumulate(u, x0, params, w)
-            pending.append((members, [stat_b, loss_b, before_b, after_b]))
+            pending.append((members, [stat_b, loss_b, before_b, after_b, report_b]))
         new_params, opt_state = self._programs.server_update(x0, state.opt_state, u)
         return new_params, opt_state, u, pending
 

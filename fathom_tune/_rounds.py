@@ -187,6 +187,8 @@ class RoundResult:
         validation_after: the same under the client's model after training.
         validation_size: each client's validation examples, or None.
         opt_state: the server optimizer's state after this round's update.
+        local_rate: each client's :class:`~fathom_tune.engine.LocalRate` report
+            (e.g. FedHyper-CL's last factor) when the engine has a rule, else None.
     """
 
     round: int
@@ -204,6 +206,7 @@ class RoundResult:
     validation_after: np.ndarray | None = None
     validation_size: np.ndarray | None = None
     opt_state: object = None
+    local_rate: np.ndarray | None = None
 
     @property
     def finite(self) -> bool:

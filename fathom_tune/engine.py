@@ -72,6 +72,7 @@ from fathom_tune import checks
 from fathom_tune._programs import (
     LARGE_MODEL_EQNS,
     ClientStatistic,
+    LocalRate,
     count_eqns,
     describe_optimizer,
     programs,
@@ -97,6 +98,7 @@ __all__ = [
     "Cost",
     "Engine",
     "EngineSettings",
+    "LocalRate",
     "RoundResult",
     "ServerState",
     "batch_indices",
@@ -131,6 +133,7 @@ class EngineSettings:
         client_validation: the share of each client's training examples held
             out for its own validation loss (0: none).
         devices: the local devices a round's clients are split over.
+        local_rate: the :class:`LocalRate` rule's name, or None.
     """
 
     server_optimizer: str
@@ -141,14 +144,43 @@ class EngineSettings:
     client_statistic: str | None
     client_validation: float = 0.0
     devices: int = 1
+    local_rate: str | None = None
 
     def as_dict(self) -> dict:
-        """The fields by name; ``devices`` only when more than one (one device is how
-        every earlier run was recorded, so their checkpoints still match)."""
+        """The fields by name; ``devices`` only when more than one and ``local_rate``
+        only when set (how every earlier run was recorded, so their checkpoints
+        still match)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if out["devices"] == 1:
             del out["devices"]
+        if out["local_rate"] is None:
+            del out["local_rate"]
         return out
+
+
+def _checked_rate(rule, server_optimizer, task):
+    """``rule`` if it is a usable :class:`LocalRate` for this server optimizer, else a clear error."""
+    if rule is None:
+        return None
+    missing = [m for m in ("context", "init", "factor", "update", "report") if not callable(getattr(rule, m, None))]
+    if missing or not isinstance(getattr(rule, "name", None), str):
+        raise TypeError(
+            f"local_rate must be None or a LocalRate (with name, context, init, factor, update and "
+            f"report), got {rule!r}"
+        )
+    try:
+        hash(rule)
+    except TypeError:
+        raise TypeError(f"local_rate must be hashable (a frozen dataclass), got {rule!r}") from None
+    params = jax.eval_shape(task.model.init, jax.random.PRNGKey(0))
+    try:
+        jax.eval_shape(lambda o: rule.init(rule.context(o)), jax.eval_shape(server_optimizer.init, params))
+    except Exception as err:  # noqa: BLE001 - reported with the rule and the reason
+        raise ValueError(
+            f"local_rate {rule.name!r} cannot read its context from this server optimizer's state "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    return rule
 
 
 def _local_devices(devices) -> tuple:
@@ -201,6 +233,12 @@ class Engine(_RoundPaths):
         eval_batch_size: batch size of evaluation (padded and masked).
         client_statistic: a :class:`ClientStatistic` every client folds over
             its local steps (FATHOM turns on its ``phi``); ``None`` computes none.
+        local_rate: a :class:`LocalRate` that scales every client's learning
+            rate step by step inside its local steps, from a context read off
+            the server optimizer's state (FedHyper-CL); each client's
+            ``report`` comes back as :attr:`RoundResult.local_rate`. ``None``
+            (default): every step uses the round's learning rate, and
+            nothing of a rule is computed.
         client_validation: share of each client's training examples held out
             as its validation part, in ``[0, 0.5]``: ``ceil(share * n_i)``
             examples of a fixed permutation per (seed, client) (at least one
@@ -251,6 +289,7 @@ class Engine(_RoundPaths):
         steps_per_call: int | None = None,
         eval_batch_size: int = 256,
         client_statistic: ClientStatistic | None = None,
+        local_rate: LocalRate | None = None,
         client_validation: float = 0.0,
         devices: int | Sequence | None = None,
         resident_bytes: int = 1 << 30,
@@ -276,6 +315,7 @@ class Engine(_RoundPaths):
         self.clients_per_round = task.clients_per_round
         self.eval_batch_size = checks.positive_int("eval_batch_size", eval_batch_size)
         self.client_statistic = client_statistic
+        self.local_rate = _checked_rate(local_rate, server_optimizer, task)
         if isinstance(client_validation, bool) or not isinstance(client_validation, (int, float, np.floating)):
             raise TypeError(f"client_validation must be a float in [0, 0.5], got {client_validation!r}")
         if not 0.0 <= float(client_validation) <= 0.5:
@@ -333,7 +373,13 @@ class Engine(_RoundPaths):
         self._ahead: tuple | None = None  # (round, sampled clients, their Shuffles) drawn ahead
         self._eval_batches: dict[str, list] = {}
         self._programs = programs(
-            task.model, server_optimizer, self.client_block, self.steps_per_call, client_statistic, self.devices
+            task.model,
+            server_optimizer,
+            self.client_block,
+            self.steps_per_call,
+            client_statistic,
+            self.local_rate,
+            self.devices,
         )
         self._param_shapes = jax.eval_shape(task.model.init, jax.random.PRNGKey(0))
         self.param_bytes = int(
@@ -354,6 +400,7 @@ class Engine(_RoundPaths):
                 client_statistic=getattr(self.client_statistic, "name", None),
                 client_validation=self.client_validation,
                 devices=len(self.devices),
+                local_rate=None if self.local_rate is None else str(self.local_rate.name),
             )
         return self._settings
 
@@ -476,6 +523,7 @@ class Engine(_RoundPaths):
         loss = np.zeros(len(sampled), np.float64)
         val_before = np.zeros(len(sampled), np.float64)
         val_after = np.zeros(len(sampled), np.float64)
+        rate = np.zeros(len(sampled), np.float64)
         run = self._resident_blocks if self._resident_data() is not None else self._host_blocks
         new_params, opt_state, u, pending = run(
             state, blocks, sampled, steps, b_ints, etas, weights_all, stat0, validate
@@ -484,9 +532,10 @@ class Engine(_RoundPaths):
             self._draw_ahead(rnd + 1)
         held = self._held_sizes[sampled]
         for members, out in pending:
-            out = np.asarray(out)[:, : len(members)]  # statistic, loss, validation before, after
+            out = np.asarray(out)[:, : len(members)]  # statistic, loss, validation before, after, rate
             stat[members] = out[0]
             loss[members] = out[1] / steps[members]
+            rate[members] = out[4]
             if validate:
                 n_val = np.maximum(held[members], 1)
                 val_before[members] = out[2] / n_val
@@ -519,6 +568,7 @@ class Engine(_RoundPaths):
             validation_after=val_after if validate else None,
             validation_size=held.copy() if validate else None,
             opt_state=opt_state,
+            local_rate=None if self.local_rate is None else rate,
         )
         return ServerState(params=new_params, opt_state=opt_state, round=rnd + 1), result
 

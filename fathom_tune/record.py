@@ -62,6 +62,7 @@ __all__ = [
     "FEDEX_CANDIDATES",
     "FEDEX_THETA",
     "FEDHYPER_A",
+    "FEDHYPER_BETA",
     "HPARAMS",
     "INTERRUPTED",
     "LEDGER",
@@ -155,6 +156,8 @@ FEDEX_BASELINE = "fedex.baseline"
 FEDHYPER_A = "fedhyper.a"
 """FedHyper's accumulated hypergradient ``a_t`` after the round (the server step is ``1 + a_t``;
 for SL the clients' rate is ``eta_0 (1 + a_t)``)."""
+FEDHYPER_BETA = "fedhyper.beta"
+"""FedHyper-CL: each sampled client's factor ``beta`` on ``eta_0`` after its last local step."""
 
 # search baselines' trials (see baselines)
 NOT_RUN = "not_run"

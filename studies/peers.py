@@ -10,7 +10,7 @@ test metric of the model returned, and wall time.
 
 Usage:
     python -m studies.peers [--tasks digits] [--seeds 0 1 2] [--rounds N]
-                            [--tuners fathom fathom+server fedex fedhyper-gm fedavg]
+                            [--tuners fathom fathom+server fedex fedhyper-gm fedhyper-full fedavg]
                             [--out reports/peers]
 
 ``fedavg`` is static FedAvg with the start's hyperparameters; every other
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 PROG = "python -m studies.peers"
 STARTS = ("default", "eta/10", "eta*10", "B=4", "B=256")
-TUNERS = ("fathom", "fathom+server", "fedex", "fedhyper-gm", "fedavg")
+TUNERS = ("fathom", "fathom+server", "fedex", "fedhyper-gm", "fedhyper-full", "fedavg")
 
 
 def starts(task) -> dict:

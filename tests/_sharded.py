@@ -18,6 +18,7 @@ from fathom_tune import HParams  # noqa: E402
 from fathom_tune.engine import Engine  # noqa: E402
 from fathom_tune.fathom import LocalAgreement  # noqa: E402
 from fathom_tune.hparams import ClientHParams  # noqa: E402
+from fathom_tune.peers import ClientRate, fedhyper_server, keep_update  # noqa: E402
 
 
 def rounds(engine, hps):
@@ -50,6 +51,9 @@ def compare(case, make, hps):
             np.max(np.abs(a.validation_after - b.validation_after)) + np.max(np.abs(a.validation_before - b.validation_before))
             for a, b in zip(one, four)
         ))
+    if one[0].local_rate is not None:
+        out["local_rate"] = float(max(np.max(np.abs(a.local_rate - b.local_rate)) for a, b in zip(one, four)))
+        out["rate_moved"] = float(max(np.max(np.abs(a.local_rate - 1.0)) for a in one))
     out["evaluate"] = abs(make(4).evaluate(four_state.params)["accuracy"] - make(1).evaluate(four_state.params)["accuracy"])
     return case, out
 
@@ -67,6 +71,12 @@ def main():
             hps,
         ),
     ])
+    full = keep_update(fedhyper_server())
+    cases.update([compare(
+        "local_rate",
+        lambda d: Engine(task, seed=3, devices=d, server_optimizer=full, local_rate=ClientRate(clients=6)),
+        [HParams(1.5, 2.0, 5.0)] * 3,
+    )])
     rng = np.random.default_rng(0)
     per_client = []
     for _ in range(3):

@@ -16,12 +16,14 @@ import fathom_tune
 from fathom_tune import Bounds, ClientHParams, HParams, record, tuners
 from fathom_tune.engine import Engine, batch_indices, client_rng
 from fathom_tune.peers import (
+    ClientRate,
     FedEx,
     FedHyper,
     arm_gradient,
     exponentiated_step,
     fedex_candidates,
     fedhyper_server,
+    keep_update,
 )
 from fathom_tune.peers import _run as peer_run
 from fathom_tune.peers.tuners import _FedExSchedule, _FedHyperSchedule
@@ -126,7 +128,7 @@ def test_per_client_rounds_compile_one_program_per_bucket():
         (lambda: FedEx(discount=1.5), ValueError, "discount"),
         (lambda: FedEx(validation=0.0), ValueError, "validation"),
         (lambda: FedEx(batch_size_factors=(0.0,)), ValueError, "batch_size_factors"),
-        (lambda: FedHyper("x", "cl"), ValueError, "'g', 'gm', 'sl'"),
+        (lambda: FedHyper("x", "cl+gm"), ValueError, "'g', 'gm', 'sl', 'cl', 'full'"),
         (lambda: fedhyper_server(momentum=1.0), ValueError, "momentum"),
     ],
 )
@@ -288,8 +290,112 @@ def test_fedhyper_sl_rate_carries_over_rounds_within_the_bounds():
     assert sched.propose(4).learning_rate == task.bounds.lower.learning_rate
 
 
+def _cl_reference(displacements, previous_global, clients):
+    """FedHyper-CL's factors, written out in NumPy: the rate factor each step used."""
+    beta, prev, used = 1.0, previous_global, []
+    for k, d in enumerate(displacements, start=1):
+        used.append(beta)
+        if k >= 2:
+            gamma = min(1.1, 1 + 0.1 * float(d @ previous_global) / clients + float(d @ prev))
+            beta = min(max(gamma * beta, 0.1), 10.0)
+            prev = d
+    return used, beta
+
+
+def test_fedhyper_cl_factor_by_hand():
+    rule = ClientRate(clients=4)
+    delta = np.array([1.0, 0.0])
+    steps = [np.array(d) for d in ([0.5, 0.5], [0.2, 0.0], [-2.0, 0.0], [-1.0, 0.0], [-50.0, 0.0], [0.0, 0.0])]
+    # By hand (beta after step k is the factor of step k + 1): step 1 moves only. Step 2: gamma =
+    # 1 + 0.1 * 0.2 / 4 + <(0.2, 0), Delta> = 1.205 -> 1.1. Step 3: gamma = 1 - 0.05 +
+    # <(-2, 0), (0.2, 0)> = 0.55, beta = 0.605. Step 4: gamma = 1 - 0.025 + 2 -> 1.1, beta =
+    # 0.6655. Step 5: gamma = 1 - 1.25 + 50 -> 1.1, beta = 0.73205. Step 6: gamma = 1, unchanged.
+    want_used = [1.0, 1.0, 1.1, 0.605, 0.6655, 0.73205]
+    used, final = _cl_reference(steps, delta, 4)
+    assert used == pytest.approx(want_used) and final == pytest.approx(0.73205)
+    state = rule.init({"w": jnp.asarray(delta, jnp.float32)})
+    got = []
+    for d in steps:
+        got.append(float(rule.factor(state)))
+        state = rule.update(state, {"w": jnp.asarray(delta, jnp.float32)}, {"w": jnp.asarray(d, jnp.float32)})
+    assert got == pytest.approx(want_used, rel=1e-6)
+    assert float(rule.report(state)) == pytest.approx(0.73205, rel=1e-6)
+    # The clip at 0.1 and at 10.
+    low = rule.init({"w": jnp.zeros(2)})
+    for d in ([1.0, 0.0], [-30.0, 0.0], [1.0, 0.0], [-30.0, 0.0], [1.0, 0.0], [-30.0, 0.0]):
+        low = rule.update(low, {"w": jnp.zeros(2)}, {"w": jnp.asarray(d)})
+    assert float(low.beta) == pytest.approx(0.1)
+    high = rule.init({"w": jnp.zeros(2)})
+    for _ in range(40):
+        high = rule.update(high, {"w": jnp.zeros(2)}, {"w": jnp.ones(2)})
+    assert float(high.beta) == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_fedhyper_cl_rates_reach_each_clients_steps(resident):
+    # Two rounds of FedHyper-FULL's engine (GM on the server, CL on the clients): every
+    # client's update must be hand-run SGD whose step k uses eta * beta_k from the NumPy
+    # rule above, with the previous round's mean update as Delta_{t-1} (zero in round 0).
+    task = toy_task(clients_per_round=3)
+    rule = ClientRate(clients=3)
+    engine = Engine(
+        task, seed=2, server_optimizer=keep_update(fedhyper_server()), local_rate=rule,
+        resident_bytes=(1 << 30) if resident else 1,
+    )
+    assert engine.resident is resident
+    hp = HParams(1.5, 3.0, 5.0)
+    model, ids = task.model, list(task.train.client_ids())
+    state = engine.init()
+    previous = np.zeros_like(flat(state.params))
+    moved = False
+    for rnd in range(2):
+        x0 = state.params
+        deltas, sizes, finals = [], [], []
+        for c in engine.sampled(rnd):
+            part = {k: np.asarray(v) for k, v in task.train.get_client(ids[c]).all_examples().items()}
+            n = len(part["y"])
+            plan = batch_indices(n, hp.local_steps(n), hp.batch_int, client_rng(2, rnd, int(c)))
+            p, beta, prev = x0, 1.0, previous
+            for k, rows in enumerate(plan, start=1):
+                g = jax.grad(_mean_loss, argnums=1)(model, p, {key: v[rows] for key, v in part.items()})
+                new = jax.tree_util.tree_map(lambda a, b, lr=hp.learning_rate * beta: a - lr * b, p, g)
+                d = flat(new) - flat(p)
+                p = new
+                if k >= 2:
+                    gamma = min(1.1, 1 + 0.1 * float(d @ previous) / 3 + float(d @ prev))
+                    beta, prev = min(max(gamma * beta, 0.1), 10.0), d
+            deltas.append(flat(x0) - flat(p))
+            sizes.append(n)
+            finals.append(beta)
+        u = np.tensordot(np.array(sizes) / sum(sizes), np.array(deltas), axes=1)
+        state, res = engine.run_round(state, hp)
+        np.testing.assert_allclose(flat(res.update), u, rtol=3e-4, atol=1e-6)
+        np.testing.assert_allclose(res.local_rate, finals, rtol=1e-4)
+        np.testing.assert_allclose(flat(state.opt_state.delta), -u, rtol=3e-4, atol=1e-6)
+        moved = moved or not np.allclose(finals, 1.0, atol=1e-3)
+        previous = -flat(res.update)  # Delta_t for the next round
+    assert moved, "the rule never changed a client's rate: the example does not test it"
+    assert engine.settings.as_dict()["local_rate"] == rule.name
+
+
+def test_an_engine_without_a_local_rate_records_none_and_keeps_its_settings():
+    engine = Engine(toy_task(), seed=0)
+    _, res = engine.run_round(engine.init(), HParams(0.1, 1.0, 10.0))
+    assert res.local_rate is None and "local_rate" not in engine.settings.as_dict()
+    assert not any("rate" in k for k in engine.compile_counts)
+
+
+def test_a_local_rate_without_its_server_state_is_refused():
+    with pytest.raises(ValueError, match="fedhyper-cl.*keep_update"):
+        Engine(toy_task(), local_rate=ClientRate(clients=4))
+    with pytest.raises(TypeError, match="local_rate must be None or a LocalRate"):
+        Engine(toy_task(), local_rate=0.5)
+    with pytest.raises(ValueError, match=r"clients must be a positive number \(N C\), got 0"):
+        ClientRate(clients=0)
+
+
 # ------------------------------------------------------------ the tuners' runs
-PEERS = ["fedex", "fedhyper-g", "fedhyper-gm", "fedhyper-sl", "fathom+server"]
+PEERS = ["fedex", "fedhyper-g", "fedhyper-gm", "fedhyper-sl", "fedhyper-cl", "fedhyper-full", "fathom+server"]
 
 
 @pytest.mark.parametrize("name", PEERS)
@@ -371,7 +477,7 @@ class _Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("name", ["fedex", "fedhyper-sl", "fedhyper-gm"])
+@pytest.mark.parametrize("name", ["fedex", "fedhyper-sl", "fedhyper-gm", "fedhyper-full"])
 def test_interrupted_peer_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, name):
     task = toy_task().replace(num_rounds=7, eval_every=2)
     tuner = tuners.get(name)

@@ -19,7 +19,7 @@ def four_devices():
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", ["resident", "host", "per_client"])
+@pytest.mark.parametrize("case", ["resident", "host", "per_client", "local_rate"])
 def test_four_devices_equal_one_within_float32(four_devices, case):
     out = four_devices[case]
     assert out["devices"] == 4
@@ -31,6 +31,8 @@ def test_four_devices_equal_one_within_float32(four_devices, case):
     assert out["loss"] <= 1e-5
     assert out.get("statistic", 0.0) <= 1e-5
     assert out.get("validation", 0.0) <= 1e-5
+    assert out.get("local_rate", 0.0) <= 1e-5
+    assert out.get("rate_moved", 1.0) > 1e-3  # FedHyper-CL's factors did change the clients' rates
     assert out["evaluate"] == 0.0
 
 

@@ -6,7 +6,8 @@
   losses (:mod:`~fathom_tune.peers.fedex`);
 * :class:`FedHyper` (Wang, Wang, Li, ICLR 2024, arXiv 2310.03156): learning
   rates from inner products of successive global updates, on the server
-  (G, GM) or set by the server for the clients (SL)
+  (G, GM), set by the server for the clients (SL), adapted by each client
+  step by step (CL), or GM and CL together (FULL)
   (:mod:`~fathom_tune.peers.fedhyper`);
 * ``fathom+server``: FATHOM for the clients' (eta, E, B) with FedHyper-GM's
   server learning rate (:func:`fedhyper_server` as the engine's server optimizer).
@@ -14,15 +15,17 @@
 All run on the one engine and record one trial per round through
 :mod:`fathom_tune.record`. Registered names: ``fedex``, ``fedex-auto``,
 ``fedhyper`` (= GM), ``fedhyper-g``, ``fedhyper-gm``, ``fedhyper-sl``,
-``fathom+server``.
+``fedhyper-cl``, ``fedhyper-full``, ``fathom+server``.
 """
 
 # isort: off
 from fathom_tune.peers.fedex import arm_gradient
 from fathom_tune.peers.fedex import discounted_sums
 from fathom_tune.peers.fedex import exponentiated_step
+from fathom_tune.peers.fedhyper import ClientRate
 from fathom_tune.peers.fedhyper import FedHyperServerState
 from fathom_tune.peers.fedhyper import fedhyper_server
+from fathom_tune.peers.fedhyper import keep_update
 from fathom_tune.peers.fedhyper import sl_step
 from fathom_tune.peers._run import OneRunTuner
 from fathom_tune.peers._run import PeerSchedule
@@ -44,12 +47,15 @@ for _tuner in (
     FedHyper("fedhyper-g", "g"),
     FedHyper("fedhyper-gm", "gm"),
     FedHyper("fedhyper-sl", "sl"),
+    FedHyper("fedhyper-cl", "cl"),
+    FedHyper("fedhyper-full", "full"),
     _Fathom("fathom+server", server_optimizer=_SERVER_RULES["gm"]),
 ):
     _tuners.register(_tuner)
 
 __all__ = [
     "FEDHYPER_VARIANTS",
+    "ClientRate",
     "FedEx",
     "FedHyper",
     "FedHyperServerState",
@@ -60,6 +66,7 @@ __all__ = [
     "exponentiated_step",
     "fedex_candidates",
     "fedhyper_server",
+    "keep_update",
     "run_peer",
     "sl_step",
 ]

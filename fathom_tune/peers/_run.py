@@ -226,8 +226,8 @@ class OneRunTuner(Tuner, abc.ABC):
     def settings(self) -> dict:
         """The tuner's settings (JSON values), recorded and fingerprinted."""
 
-    def engine_options(self) -> dict:
-        """Options of the run's :class:`~fathom_tune.engine.Engine`."""
+    def engine_options(self, task: Task) -> dict:
+        """Options of the run's :class:`~fathom_tune.engine.Engine` on ``task``."""
         return {}
 
     def header(self, task: Task) -> dict:
@@ -250,6 +250,6 @@ class OneRunTuner(Tuner, abc.ABC):
             checkpoint=path,
             progress=request.progress,
             header=self.header(request.task),
-            **self.engine_options(),
+            **self.engine_options(request.task),
         )
 

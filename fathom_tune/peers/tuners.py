@@ -20,6 +20,7 @@ import math
 
 import jax
 import numpy as np
+import optax
 
 from fathom_tune import checks, record
 from fathom_tune.engine import Engine, RoundResult
@@ -27,12 +28,13 @@ from fathom_tune.fathom.sampler import DIVERGED_LR_FACTOR
 from fathom_tune.hparams import NAMES, ClientHParams, HParams
 from fathom_tune.peers._run import OneRunTuner, PeerSchedule
 from fathom_tune.peers.fedex import SCHEDULES, arm_gradient, discounted_sums, exponentiated_step
-from fathom_tune.peers.fedhyper import GM_MOMENTUM, fedhyper_server, sl_step
+from fathom_tune.peers.fedhyper import GM_MOMENTUM, ClientRate, KeptUpdate, fedhyper_server, keep_update, sl_step
 
 __all__ = ["FEDHYPER_VARIANTS", "FedEx", "FedHyper", "fedex_candidates"]
 
-FEDHYPER_VARIANTS = ("g", "gm", "sl")
-"""FedHyper's variants here: server rate (G), server rate with momentum (GM), server-set client rate (SL)."""
+FEDHYPER_VARIANTS = ("g", "gm", "sl", "cl", "full")
+"""FedHyper's variants: server rate (G), server rate with momentum (GM), server-set client
+rate (SL), client rate adapted step by step (CL), and GM with CL (FULL)."""
 
 
 # ------------------------------------------------------------------ FedHyper
@@ -63,9 +65,14 @@ class _FedHyperSchedule(PeerSchedule):
             delta = jax.tree_util.tree_map(lambda u: -np.asarray(u, np.float32), result.update)
             self.a = sl_step(self.a, self.previous, delta)
             self.previous = delta
-        else:
-            self.a = float(result.opt_state.a)
-        return {record.FEDHYPER_A: self.a}
+        elif self.variant != "cl":
+            server = result.opt_state
+            self.a = float((server.inner if isinstance(server, KeptUpdate) else server).a)
+        attrs = {} if self.variant == "cl" else {record.FEDHYPER_A: self.a}
+        if self.variant in ("cl", "full"):
+            attrs[record.FEDHYPER_BETA] = [float(b) for b in result.local_rate]
+            attrs["fedhyper.beta_mean"] = float(np.mean(result.local_rate))
+        return attrs
 
     def returned(self) -> HParams:
         return self.propose(-1)
@@ -94,10 +101,14 @@ class FedHyper(OneRunTuner):
     * ``"g"``: the server's learning rate, ``1 + a_t``;
     * ``"gm"``: the same with momentum (the authors' recommended server variant);
     * ``"sl"``: the clients' learning rate ``eta_0 (1 + a_t)``, carried over
-      rounds as the paper intends (the published code resets it every round).
+      rounds as the paper intends (the published code resets it every round);
+    * ``"cl"``: each client's rate ``eta_0 beta_k`` adapted step by step
+      inside its local steps (:class:`~fathom_tune.peers.fedhyper.ClientRate`);
+    * ``"full"``: GM on the server and CL on the clients.
 
-    The hyperparameters reported are the clients' (the server step is in the
-    record as ``fedhyper.a`` per round).
+    The hyperparameters reported are the clients' starting ones (the server
+    step is in the record as ``fedhyper.a`` per round, CL's factors as
+    ``fedhyper.beta``, one per client, and their mean ``fedhyper.beta_mean``).
 
     Attributes:
         name: the registry name.
@@ -123,14 +134,23 @@ class FedHyper(OneRunTuner):
     def settings(self) -> dict:
         return {"method": "fedhyper", "variant": self.variant}
 
-    def engine_options(self) -> dict:
-        if self.variant == "sl":
-            return {}
-        return {"server_optimizer": _SERVER_RULES[self.variant]}
+    def engine_options(self, task) -> dict:
+        options = dict(_ENGINE_OPTIONS[self.variant])
+        if self.variant in ("cl", "full"):
+            options["local_rate"] = ClientRate(clients=task.clients_per_round)
+        return options
 
 
 _SERVER_RULES = {"g": fedhyper_server(momentum=None), "gm": fedhyper_server(momentum=GM_MOMENTUM)}
 """One object per rule, so engines with the same rule share compiled programs."""
+_KEPT = {"cl": keep_update(optax.sgd(1.0)), "full": keep_update(_SERVER_RULES["gm"])}
+_ENGINE_OPTIONS = {
+    "g": {"server_optimizer": _SERVER_RULES["g"]},
+    "gm": {"server_optimizer": _SERVER_RULES["gm"]},
+    "sl": {},
+    "cl": {"server_optimizer": _KEPT["cl"]},
+    "full": {"server_optimizer": _KEPT["full"]},
+}
 
 
 # ---------------------------------------------------------------------- FedEx
@@ -295,7 +315,7 @@ class FedEx(OneRunTuner):
             **{f"{n}_factors": list(v) for n, v in self.factors().items()},
         }
 
-    def engine_options(self) -> dict:
+    def engine_options(self, task) -> dict:
         return {"client_validation": float(self.validation)}
 
     def header(self, task) -> dict:
