@@ -60,6 +60,7 @@ __all__ = [
     "FEDEX_ARMS",
     "FEDEX_BASELINE",
     "FEDEX_CANDIDATES",
+    "FEDEX_EXPLORING",
     "FEDEX_THETA",
     "FEDHYPER_A",
     "FEDHYPER_BETA",
@@ -153,6 +154,8 @@ FEDEX_CANDIDATES = "fedex.candidates"
 """Study attr of a FedEx run: its arms, ``{name: [value per arm]}``."""
 FEDEX_BASELINE = "fedex.baseline"
 """The baseline ``lambda_t`` a FedEx round's gradient used."""
+FEDEX_EXPLORING = "fedex.exploring"
+"""Whether FedEx still samples its clients' arms after the round (False: past its entropy cutoff)."""
 FEDHYPER_A = "fedhyper.a"
 """FedHyper's accumulated hypergradient ``a_t`` after the round (the server step is ``1 + a_t``;
 for SL the clients' rate is ``eta_0 (1 + a_t)``)."""

@@ -443,6 +443,36 @@ def test_fedex_records_every_clients_arms_and_the_distribution():
     assert first.user_attrs[record.COST]["examples"] == expected
 
 
+def test_fedex_stops_exploring_below_its_entropy_cutoff(tmp_path):
+    # The uniform start over 5 x 3 x 3 arms has entropy log 45 = 3.81 nats. With the cutoff
+    # just under it, the first step that sharpens the distribution ends exploration: from
+    # the next round every client trains with the most likely arms, and theta stays.
+    task = toy_task().replace(num_rounds=5, eval_every=5)
+    cutoff = math.log(45) - 1e-3
+    out = FedEx("fedex-cut", cutoff=cutoff).run(task, seed=1)
+    trials = out.study.trials
+    cands = out.study.user_attrs[record.FEDEX_CANDIDATES]
+
+    def joint_entropy(theta):  # written out independently of the code
+        return sum(-sum(p * math.log(p) for p in t if p > 0) for t in theta.values())
+
+    stop = next(i for i, t in enumerate(trials) if not t.user_attrs[record.FEDEX_EXPLORING])
+    assert joint_entropy(trials[stop].user_attrs[record.FEDEX_THETA]) < cutoff
+    assert all(joint_entropy(t.user_attrs[record.FEDEX_THETA]) >= cutoff for t in trials[:stop])
+    assert stop < len(trials) - 1, "exploration never stopped: the example does not test the cutoff"
+    frozen = trials[stop].user_attrs[record.FEDEX_THETA]
+    best = [cands[n][int(np.argmax(frozen[n]))] for n in fathom_tune.hparams.NAMES]
+    for t in trials[stop + 1 :]:
+        assert t.user_attrs[record.FEDEX_THETA] == frozen
+        assert t.user_attrs[record.FEDEX_ARMS] == [best] * task.clients_per_round
+    assert out.hparams == HParams(*best)
+    # Without a cutoff nothing of it is recorded.
+    plain = FedEx("fedex-plain").run(task.replace(num_rounds=2), seed=1)
+    assert all(record.FEDEX_EXPLORING not in t.user_attrs for t in plain.study.trials)
+    with pytest.raises(ValueError, match="cutoff"):
+        FedEx(cutoff=-1.0)
+
+
 def test_fedhyper_divergence_discards_the_round_and_halves_the_rate():
     task = toy_task(
         init_hparams=HParams(1e38, 3.0, 5.0), bounds=Bounds(HParams(1e-4, 0.01, 1.0), HParams(1e38, 10.0, 256.0))
@@ -477,10 +507,12 @@ class _Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("name", ["fedex", "fedhyper-sl", "fedhyper-gm", "fedhyper-full"])
+@pytest.mark.parametrize(
+    "name", ["fedex", "fedhyper-sl", "fedhyper-gm", "fedhyper-full", FedEx("fedex-cut", cutoff=math.log(45) - 1e-3)]
+)
 def test_interrupted_peer_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, name):
     task = toy_task().replace(num_rounds=7, eval_every=2)
-    tuner = tuners.get(name)
+    tuner = tuners.get(name) if isinstance(name, str) else name
     url = f"sqlite:///{tmp_path}/s.db"
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -27,7 +27,7 @@ from fathom_tune.engine import Engine, RoundResult
 from fathom_tune.fathom.sampler import DIVERGED_LR_FACTOR
 from fathom_tune.hparams import NAMES, ClientHParams, HParams
 from fathom_tune.peers._run import OneRunTuner, PeerSchedule
-from fathom_tune.peers.fedex import SCHEDULES, arm_gradient, discounted_sums, exponentiated_step
+from fathom_tune.peers.fedex import SCHEDULES, arm_gradient, discounted_sums, entropy, exponentiated_step
 from fathom_tune.peers.fedhyper import GM_MOMENTUM, ClientRate, KeptUpdate, fedhyper_server, keep_update, sl_step
 
 __all__ = ["FEDHYPER_VARIANTS", "FedEx", "FedHyper", "fedex_candidates"]
@@ -181,6 +181,7 @@ class _FedExSchedule(PeerSchedule):
         self.updates = 0
         self.clients = engine.clients_per_round
         self.arms: np.ndarray | None = None
+        self.exploring = True
 
     def theta(self) -> dict[str, np.ndarray]:
         return {n: np.exp(z) for n, z in self.z.items()}
@@ -191,9 +192,12 @@ class _FedExSchedule(PeerSchedule):
     def propose(self, round_index: int) -> ClientHParams:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, round_index, 0xFE]))
         theta = self.theta()
-        arms = np.stack(
-            [rng.choice(len(theta[n]), size=self.clients, p=theta[n] / theta[n].sum()) for n in NAMES], axis=1
-        )
+        if self.exploring:
+            arms = np.stack(
+                [rng.choice(len(theta[n]), size=self.clients, p=theta[n] / theta[n].sum()) for n in NAMES], axis=1
+            )
+        else:  # past the entropy cutoff: every client trains with the most likely arms
+            arms = np.tile([int(np.argmax(self.z[n])) for n in NAMES], (self.clients, 1))
         self.arms = arms
         return ClientHParams(clients=tuple(self._config(a) for a in arms), summary=self.returned())
 
@@ -203,6 +207,8 @@ class _FedExSchedule(PeerSchedule):
         weight = np.asarray(result.validation_size, np.float64)
         arms = self.arms
         attrs = {record.FEDEX_ARMS: [list(h.as_dict().values()) for h in result.client_hparams]}
+        if not self.exploring:
+            return {**attrs, record.FEDEX_THETA: _listed(self.theta()), record.FEDEX_EXPLORING: False}
         finite = np.concatenate([before[np.isfinite(before)], after[np.isfinite(after)]])
         if finite.size == 0 or weight.sum() == 0:
             return {**attrs, record.FEDEX_THETA: _listed(self.theta())}
@@ -218,7 +224,11 @@ class _FedExSchedule(PeerSchedule):
             g = arm_gradient(arms[:, i], theta[n], omega, scores, baseline)
             self.z[n] = exponentiated_step(self.z[n], g, self.updates, self.config.schedule)
         self.sums = discounted_sums(self.sums, float(omega @ after), self.config.discount)
-        return {**attrs, record.FEDEX_THETA: _listed(self.theta()), record.FEDEX_BASELINE: baseline}
+        attrs.update({record.FEDEX_THETA: _listed(self.theta()), record.FEDEX_BASELINE: baseline})
+        if self.config.cutoff:
+            self.exploring = entropy(self.theta().values()) >= self.config.cutoff
+            attrs[record.FEDEX_EXPLORING] = self.exploring
+        return attrs
 
     def returned(self) -> HParams:
         return self._config([int(np.argmax(self.z[n])) for n in NAMES])
@@ -228,12 +238,14 @@ class _FedExSchedule(PeerSchedule):
             "z": {n: np.asarray(z, np.float64) for n, z in self.z.items()},
             "sums": np.asarray(self.sums, np.float64),
             "updates": np.asarray(self.updates, np.int64),
+            **({"exploring": np.asarray(self.exploring, np.bool_)} if self.config.cutoff else {}),
         }
 
     def restore(self, trees: dict) -> None:
         self.z = {n: np.asarray(z, np.float64) for n, z in trees["z"].items()}
         self.sums = tuple(float(v) for v in trees["sums"])
         self.updates = int(trees["updates"])
+        self.exploring = bool(trees.get("exploring", True))
 
 
 def _listed(theta: dict) -> dict:
@@ -263,6 +275,11 @@ class FedEx(OneRunTuner):
         discount: the baseline's discount (0: the last round's value, 1: the mean).
         diff: score ``after - before`` instead of ``after``.
         validation: the share of each client's examples held out.
+        cutoff: the entropy cutoff (nats, summed over the three
+            hyperparameters): once the distribution's entropy falls below it,
+            every client trains with the most likely arms and the
+            distribution stays (``fedex.exploring`` turns false). 0 (default):
+            never; the uniform start has entropy ``sum_i log n_i``.
         learning_rate_factors, local_epochs_factors, batch_size_factors: the grid.
 
     Example:
@@ -277,6 +294,7 @@ class FedEx(OneRunTuner):
     discount: float = 0.0
     diff: bool = False
     validation: float = 0.2
+    cutoff: float = 0.0
     learning_rate_factors: tuple[float, ...] = (0.1, 10 ** -0.5, 1.0, 10**0.5, 10.0)
     local_epochs_factors: tuple[float, ...] = (0.5, 1.0, 2.0)
     batch_size_factors: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -289,6 +307,7 @@ class FedEx(OneRunTuner):
             raise ValueError(f"discount must be in [0, 1], got {self.discount!r}")
         object.__setattr__(self, "discount", discount)
         object.__setattr__(self, "diff", checks.boolean("diff", self.diff))
+        object.__setattr__(self, "cutoff", checks.nonnegative_real("cutoff", self.cutoff))
         if isinstance(self.validation, bool) or not isinstance(self.validation, (int, float)) or not 0 < self.validation <= 0.5:
             raise ValueError(f"validation must be a share in (0, 0.5], got {self.validation!r}")
         for n in NAMES:
@@ -312,6 +331,7 @@ class FedEx(OneRunTuner):
             "discount": self.discount,
             "diff": self.diff,
             "validation": self.validation,
+            **({"cutoff": self.cutoff} if self.cutoff else {}),
             **{f"{n}_factors": list(v) for n, v in self.factors().items()},
         }
 
