@@ -309,7 +309,7 @@ class Objective:
         record.write_step(trial, cost=out.cost, evals=records, **{record.DIVERGED: diverged})
         if pruned:
             if path is not None:
-                path.unlink(missing_ok=True)
+                ckpt.remove(path)
             raise optuna.TrialPruned(f"pruned after {out.cost.rounds} of {task.num_rounds} rounds")
         value = float(out.final_metrics[metric])
         if math.isfinite(value) and self._is_best_so_far(trial, value):
@@ -355,7 +355,7 @@ class Objective:
         keep = max(finite, key=lambda nv: preference(*nv, study.direction))[0] if finite else None
         for number, path, _ in runs:
             if number != keep:
-                path.unlink(missing_ok=True)
+                ckpt.remove(path)
 
     def _fingerprint(self, study_name: str, hparams: dict) -> dict:
         task = self.task

@@ -6,15 +6,18 @@ FATHOM runs and baseline trials alike save the loop's
 wrote a checkpoint and the one that resumes it: task, seed, rounds, engine
 settings, the tuner's settings) is stored with it, and a resume that
 differs is refused with an error naming each field that differs.
-:func:`exclusive` keeps two processes off one checkpoint.
+:func:`exclusive` keeps two processes off one checkpoint, and :func:`remove`
+deletes a checkpoint with its history files (code that deletes a
+checkpoint uses it, so no stale history file is taken for a fresh one).
 
-The file format: pytrees and JSON metadata in one ``.npz`` file, no pickle.
+The file format: pytrees and JSON metadata in one ``.npz`` file, no pickle,
+and a run's history in an append-only JSON-lines file beside it.
 
 A checkpoint holds named pytrees (model parameters, optimizer state,
 FATHOM's moving average ``m``) as plain numeric arrays, and a JSON document
 with the format ``version``, the ``kind`` of run, and whatever the run needs
 to continue (its round, which is also its position in the random streams,
-its ledger and history). Loading never unpickles: ``np.load`` runs with
+its ledger). Loading never unpickles: ``np.load`` runs with
 ``allow_pickle=False`` and every array is checked against the shape and
 dtype of a template pytree the caller builds, so a file from another model
 or a damaged file is refused with an error naming the path and the field.
@@ -22,15 +25,43 @@ or a damaged file is refused with an error naming the path and the field.
 Writes are atomic: the file is written next to its destination, flushed to
 disk, and renamed over it, so a kill at any moment leaves either the old
 checkpoint or the new one, never a torn file.
+
+The history (one row per round) grows with the run, so :func:`save_run`
+keeps it out of the ``.npz``: the rows go to ``<checkpoint>.rows.jsonl``
+(or ``<checkpoint>.rows.alt.jsonl``, see below), one JSON line per row
+(NaN allowed), and the metadata's ``history`` entry records that file's
+suffix and how many rows (``rows``) and how many of its bytes (``bytes``)
+belong to the checkpoint. A save appends only the rows not yet in the file,
+flushes it to disk, and then writes the ``.npz``; its cost does not grow
+with the run. :func:`load_run` reads exactly the recorded bytes and
+refuses a file that holds fewer or that does not parse to the recorded
+number of rows. So a kill at any moment leaves a checkpoint whose rows are
+the ones it records:
+
+- lines past the recorded bytes (a kill between the append and the rename
+  of the ``.npz``, maybe mid-line) are ignored when loading and cut off by
+  the next save;
+- a save that cannot append (a fresh run; a checkpoint replaced since this
+  process last wrote or read it; rows that do not continue the saved ones:
+  fewer of them, or another last one) writes every row anew, into the one
+  of the two files the checkpoint on disk does not use, and deletes the
+  other once the new ``.npz`` is in place, so the old checkpoint stays
+  whole until then.
+
+Format version 2 added the history file; version 1 checkpoints, which hold
+the rows in the metadata (``rows``), still load, and their next save moves
+the rows into a history file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
 import pathlib
+import threading
 import zipfile
 
 import filelock
@@ -39,6 +70,7 @@ import numpy as np
 
 __all__ = [
     "FORMAT_VERSION",
+    "READ_VERSIONS",
     "CheckpointError",
     "check_path",
     "exclusive",
@@ -46,12 +78,16 @@ __all__ = [
     "jsonable",
     "load_checkpoint",
     "load_run",
+    "remove",
     "save_checkpoint",
     "save_run",
 ]
 
-FORMAT_VERSION = 1
-"""The checkpoint format; a file with another version is refused."""
+FORMAT_VERSION = 2
+"""The checkpoint format written; files of the versions in ``READ_VERSIONS`` are read."""
+
+READ_VERSIONS = (1, 2)
+"""The checkpoint formats read (1: a run's rows inside the metadata); others are refused."""
 
 _META = "__meta__"
 
@@ -115,17 +151,22 @@ def save_checkpoint(path, *, kind: str, meta: dict, trees: dict) -> pathlib.Path
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
+    _sync_directory(path.parent)  # make the rename itself durable
+    return path
+
+
+def _sync_directory(directory: pathlib.Path) -> None:
+    """Flushes ``directory``'s entries (a rename, a new file) to disk, where the OS allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
     except OSError:
-        return path
+        return
     try:
         os.fsync(fd)
     except OSError:
         pass
     finally:
         os.close(fd)
-    return path
 
 
 def load_checkpoint(path, *, kind: str, templates: dict) -> tuple[dict, dict]:
@@ -162,10 +203,10 @@ def load_checkpoint(path, *, kind: str, templates: dict) -> tuple[dict, dict]:
         version, got_kind, meta = document["version"], document["kind"], document["meta"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} has damaged metadata: {exc}") from None
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise CheckpointError(
             f"checkpoint {str(path)!r} has format version {version!r}; this fathom_tune "
-            f"reads version {FORMAT_VERSION}"
+            f"reads versions {', '.join(map(str, READ_VERSIONS))}"
         )
     if got_kind != kind:
         raise CheckpointError(f"checkpoint {str(path)!r} was written by a {got_kind!r} run, not {kind!r}")
@@ -240,8 +281,207 @@ def _differences(path, got: dict, want: dict) -> None:
         raise CheckpointError(f"checkpoint {str(path)!r} belongs to another run: it differs in {detail}")
 
 
+# ------------------------------------------------------------------ history files
+_SUFFIXES = (".rows.jsonl", ".rows.alt.jsonl")
+"""The two history files a checkpoint ``c.npz`` may use: ``c.npz.rows.jsonl`` and
+``c.npz.rows.alt.jsonl``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Written:
+    """What this process last wrote or read of a checkpoint's history.
+
+    Attributes:
+        checkpoint: the identity (:func:`_identity`) of the ``.npz`` file then.
+        suffix: the history file it records (one of ``_SUFFIXES``).
+        rows: how many rows it records.
+        size: how many bytes of the history file those rows take.
+        last: the JSON line (:func:`_line`) of the last of them, ``b""`` when none.
+    """
+
+    checkpoint: tuple | None
+    suffix: str
+    rows: int
+    size: int
+    last: bytes
+
+    def record(self) -> dict:
+        """The checkpoint metadata's ``history`` entry."""
+        return {"suffix": self.suffix, "rows": self.rows, "bytes": self.size}
+
+
+_written: dict[str, _Written] = {}
+_locks: dict[str, threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _key(path: pathlib.Path) -> str:
+    return os.path.abspath(path)
+
+
+def _lock(path: pathlib.Path) -> threading.Lock:
+    """The lock that orders this process's saves, loads and removals of ``path``."""
+    with _locks_guard:
+        return _locks.setdefault(_key(path), threading.Lock())
+
+
+def _history_file(path: pathlib.Path, suffix: str) -> pathlib.Path:
+    return path.with_name(path.name + suffix)
+
+
+def _identity(path: pathlib.Path) -> tuple | None:
+    """``path``'s inode, size and modification time (None if it does not exist): an
+    atomic rewrite of a checkpoint changes it."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return (status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+def _line(row) -> bytes:
+    """``row`` as one line of a history file."""
+    return json.dumps(jsonable(row), separators=(",", ":")).encode() + b"\n"
+
+
+def _continues(path: pathlib.Path, known: _Written | None, rows) -> bool:
+    """Whether ``rows`` extend the history ``known`` of the checkpoint at ``path``.
+
+    The checkpoint must be the one this process last wrote or read, ``rows``
+    at least as many as it records with the same last of them, and its
+    history file at least as long as recorded. O(1) in the number of rows.
+    """
+    if known is None or known.checkpoint is None or _identity(path) != known.checkpoint:
+        return False
+    if len(rows) < known.rows or (known.rows and _line(rows[known.rows - 1]) != known.last):
+        return False
+    try:
+        return os.stat(_history_file(path, known.suffix)).st_size >= known.size
+    except OSError:
+        return False
+
+
+def _suffix_on_disk(path: pathlib.Path, known: _Written | None) -> str | None:
+    """The history file the checkpoint at ``path`` records; None without one (no file,
+    a version 1 file, a damaged file)."""
+    if known is not None and known.checkpoint is not None and _identity(path) == known.checkpoint:
+        return known.suffix
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            document = json.loads(data[_META].tobytes().decode())
+        return document["meta"]["history"]["suffix"]
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def _append_history(path: pathlib.Path, known: _Written | None, rows) -> tuple[_Written, bool]:
+    """Writes the rows the history file of ``path`` lacks and flushes it to disk.
+
+    Rows that continue ``known`` (:func:`_continues`) are appended after its
+    recorded bytes, cutting off anything past them; otherwise every row is
+    written anew into the history file the checkpoint on disk does not use.
+
+    Returns:
+        ``(what the next checkpoint records, whether the file was written anew)``.
+    """
+    if _continues(path, known, rows):
+        suffix, start, offset, last, anew = known.suffix, known.rows, known.size, known.last, False
+    else:
+        used = _suffix_on_disk(path, known)
+        suffix = next(s for s in _SUFFIXES if s != used)
+        start, offset, last, anew = 0, 0, b"", True
+    lines = [_line(rows[i]) for i in range(start, len(rows))]
+    data = b"".join(lines)
+    file = _history_file(path, suffix)
+    with open(file, "wb" if anew else "r+b") as f:
+        f.truncate(offset)
+        f.seek(offset)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if anew:
+        _sync_directory(file.parent)
+    written = _Written(None, suffix, len(rows), offset + len(data), lines[-1] if lines else last)
+    return written, anew
+
+
+def _read_history(path: pathlib.Path, meta: dict) -> tuple[tuple, _Written | None]:
+    """The rows the checkpoint at ``path`` (metadata ``meta``) records, and what was read
+    (None for a version 1 checkpoint, whose rows are in ``meta``)."""
+    if "history" not in meta:
+        if isinstance(meta.get("rows"), list):
+            return tuple(meta["rows"]), None
+        raise CheckpointError(f"checkpoint {str(path)!r} records no history; not a run checkpoint")
+    record = meta["history"]
+    damaged = CheckpointError(f"checkpoint {str(path)!r} has a damaged history record {record!r}")
+    try:
+        suffix, count, size = record["suffix"], record["rows"], record["bytes"]
+    except (KeyError, TypeError):
+        raise damaged from None
+    if suffix not in _SUFFIXES or not all(type(n) is int and n >= 0 for n in (count, size)):
+        raise damaged
+    file = _history_file(path, suffix)
+    try:
+        with open(file, "rb") as f:
+            data = f.read(size)
+    except OSError as exc:
+        raise _bad_history(path, file, f"cannot be read: {exc}") from None
+    if len(data) < size:
+        raise _bad_history(
+            path, file, f"holds {len(data)} bytes, fewer than the {size} the checkpoint records"
+        )
+    rows = _parse_rows(path, file, data, count)
+    return rows, _Written(None, suffix, count, size, _line(rows[-1]) if rows else b"")
+
+
+def _parse_rows(path: pathlib.Path, file: pathlib.Path, data: bytes, count: int) -> tuple:
+    """The ``count`` rows in ``data``: the bytes of history file ``file`` that checkpoint
+    ``path`` records."""
+    lines = data.split(b"\n")
+    if lines.pop() != b"":
+        raise _bad_history(path, file, f"does not end a line at byte {len(data)}, where its rows end")
+    if len(lines) != count:
+        raise _bad_history(
+            path, file, f"holds {len(lines)} rows in its first {len(data)} bytes, not the {count} recorded"
+        )
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise _bad_history(path, file, f"line {number} is not JSON: {exc}") from None
+        if not isinstance(row, dict):
+            raise _bad_history(path, file, f"line {number} is not a JSON object")
+        rows.append(row)
+    return tuple(rows)
+
+
+def _bad_history(path: pathlib.Path, file: pathlib.Path, what: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {str(path)!r}: its history file {str(file)!r} {what}")
+
+
+# ------------------------------------------------------------------ saving and loading runs
 def save_run(path, *, kind: str, fingerprint: dict, progress, trees: dict | None = None) -> pathlib.Path:
-    """Atomically saves a run's :class:`~fathom_tune.loop.Progress` and extra ``trees``.
+    """Saves a run's :class:`~fathom_tune.loop.Progress` and extra ``trees``, crash-safely.
+
+    The rows of ``progress`` that this process has not yet written to the
+    checkpoint's history file are appended to it and flushed to disk; then
+    the ``.npz`` (model, optimizer state, ``trees``, and the round, ledger,
+    fingerprint and history record) is written atomically. A save costs
+    O(new rows), not O(all rows). Rows that do not extend what this process
+    last saved or loaded at ``path`` (a fresh run, a replaced checkpoint,
+    fewer rows or another last row) are all written anew. Safe to call from
+    a background thread; calls for one ``path`` run one at a time.
+
+    Args:
+        path: the ``.npz`` file; its directory must exist.
+        kind: what wrote it (e.g. ``"fathom"``); :func:`load_run` checks it.
+        fingerprint: the run's :func:`fingerprint`.
+        progress: the :class:`~fathom_tune.loop.Progress` to save.
+        trees: ``{name: pytree}`` to save beside the model (e.g. FATHOM's ``m``).
+
+    Returns:
+        The path written.
 
     Example:
         >>> import tempfile, fathom_tune
@@ -254,21 +494,35 @@ def save_run(path, *, kind: str, fingerprint: dict, progress, trees: dict | None
         >>> load_run(path, kind="demo", fingerprint=fp, state=engine.init())[0].state.round
         0
     """
+    path = pathlib.Path(path)
     done = progress
-    meta = {
-        "fingerprint": fingerprint,
-        "round": done.state.round,
-        "rng": {"seed": fingerprint.get("seed"), "round": done.state.round},
-        "rows": jsonable(list(done.rows)),
-        "cost": done.cost.as_dict(),
-        "final_metrics": jsonable(done.final_metrics),
-    }
-    all_trees = {"params": done.state.params, "opt_state": done.state.opt_state, **(trees or {})}
-    return save_checkpoint(path, kind=kind, meta=meta, trees=all_trees)
+    with _lock(path):
+        history, anew = _append_history(path, _written.get(_key(path)), done.rows)
+        meta = {
+            "fingerprint": fingerprint,
+            "round": done.state.round,
+            "rng": {"seed": fingerprint.get("seed"), "round": done.state.round},
+            "history": history.record(),
+            "cost": done.cost.as_dict(),
+            "final_metrics": jsonable(done.final_metrics),
+        }
+        all_trees = {"params": done.state.params, "opt_state": done.state.opt_state, **(trees or {})}
+        save_checkpoint(path, kind=kind, meta=meta, trees=all_trees)
+        _written[_key(path)] = dataclasses.replace(history, checkpoint=_identity(path))
+        if anew:  # the other history file is no checkpoint's now
+            for suffix in _SUFFIXES:
+                if suffix != history.suffix:
+                    _history_file(path, suffix).unlink(missing_ok=True)
+    return path
 
 
 def load_run(path, *, kind: str, fingerprint: dict, state, templates: dict | None = None):
     """Reads a checkpoint of :func:`save_run`: ``(progress, trees)``.
+
+    The rows are the ones the checkpoint records: the recorded number of
+    bytes of its history file, which must parse to the recorded number of
+    rows (lines past them, left by a kill during a save, are ignored). A
+    version 1 checkpoint's rows come from its metadata.
 
     Args:
         path: the checkpoint file.
@@ -280,24 +534,48 @@ def load_run(path, *, kind: str, fingerprint: dict, state, templates: dict | Non
 
     Raises:
         CheckpointError: damaged, of another kind, or another run's (the
-            message names each field that differs and both values).
+            message names each field that differs and both values), or its
+            history file is missing, shorter than recorded, or does not hold
+            the recorded rows (the message names the file).
     """
     from fathom_tune.engine import Cost, ServerState
     from fathom_tune.loop import Progress
 
+    path = pathlib.Path(path)
     extra = dict(templates or {})
-    meta, trees = load_checkpoint(
-        path, kind=kind, templates={"params": state.params, "opt_state": state.opt_state, **extra}
-    )
-    _differences(path, meta.get("fingerprint") or {}, fingerprint)
+    with _lock(path):
+        identity = _identity(path)
+        meta, trees = load_checkpoint(
+            path, kind=kind, templates={"params": state.params, "opt_state": state.opt_state, **extra}
+        )
+        _differences(path, meta.get("fingerprint") or {}, fingerprint)
+        rows, read = _read_history(path, meta)
+        if read is None:
+            _written.pop(_key(path), None)
+        else:
+            _written[_key(path)] = dataclasses.replace(read, checkpoint=identity)
     restored = ServerState(params=trees["params"], opt_state=trees["opt_state"], round=meta["round"])
     progress = Progress(
         state=restored,
-        rows=tuple(meta["rows"]),
+        rows=rows,
         cost=Cost(**meta["cost"]),
         final_metrics=meta["final_metrics"],
     )
     return progress, {k: trees[k] for k in extra}
+
+
+def remove(path) -> None:
+    """Deletes the checkpoint ``path`` and its history files (those missing are skipped).
+
+    The ``.npz`` goes first: a kill in between leaves history files no
+    checkpoint records, which the next save at ``path`` writes anew.
+    """
+    path = pathlib.Path(path)
+    with _lock(path):
+        path.unlink(missing_ok=True)
+        for suffix in _SUFFIXES:
+            _history_file(path, suffix).unlink(missing_ok=True)
+        _written.pop(_key(path), None)
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ from typing import Any
 import optuna
 import pandas as pd
 
+from fathom_tune import checkpoint as ckpt
 from fathom_tune import checks, record
 from fathom_tune._timing import compile_seconds
 from fathom_tune.engine import Cost, Engine
@@ -371,5 +372,5 @@ def one_run_storage(request: Request, name: str):
             optuna.delete_study(study_name=name, storage=opened)
             _log.warning("%s: held %d rounds and no checkpoint; deleted and run again", name, held.n_trials)
         elif held is None and path.exists():
-            path.unlink()  # its study is gone; start over
+            ckpt.remove(path)  # its study is gone; start over
     return opened, path, None

@@ -31,7 +31,7 @@ from _toy import mlp_model, toy_task
 import baselines
 import fathom_tune
 from fathom_tune import Bounds, CheckpointError, Engine, FathomConfig, HParams, Target, tasks
-from fathom_tune.checkpoint import save_checkpoint
+from fathom_tune.checkpoint import FORMAT_VERSION, save_checkpoint
 from fathom_tune.tasks import fedjax_cache
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -153,7 +153,8 @@ def checkpoint_files() -> dict[str, bytes]:
         save_checkpoint(future, kind="fathom", meta=toy_meta, trees=trees)
         with np.load(future) as z:
             arrays = {k: z[k] for k in z.files}
-        document = bytes(arrays["__meta__"]).replace(b'"version": 1', b'"version": 99')
+        written = f'"version": {FORMAT_VERSION}'.encode()
+        document = bytes(arrays["__meta__"]).replace(written, b'"version": 99')
         arrays["__meta__"] = np.frombuffer(document, dtype=np.uint8)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
@@ -413,7 +414,7 @@ CASES = [
        r"'.*pickled.npz' is damaged or not a checkpoint: .*allow_pickle=False",
        lambda c: resume_toy(c, "pickled.npz")),
     py("checkpoint-future-format-version", CheckpointError,
-       r"'.*future.npz' has format version 99; this fathom_tune reads version 1",
+       r"'.*future.npz' has format version 99; this fathom_tune reads versions 1, 2$",
        lambda c: resume_toy(c, "future.npz")),
     py("checkpoint-of-a-baseline-trial", CheckpointError,
        r"'.*other_kind.npz' was written by a 'baseline-trial' run, not 'fathom'",

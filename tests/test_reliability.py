@@ -128,7 +128,7 @@ def test_resume_replays_rounds_the_study_holds_past_the_checkpoint(tmp_path, mon
     with pytest.raises(_Crash):
         fathom_tune.optimize(task, checkpoint=ckpt, **kwargs)
     meta, _ = load_checkpoint(ckpt, kind="fathom", templates={})  # the metadata alone
-    assert meta["round"] == 3 and len(meta["rows"]) == 3
+    assert meta["round"] == 3 and meta["history"]["rows"] == 3
     assert [t.user_attrs[ROUND_ATTR] for t in trials_of(url, "toy/fathom/seed3")] == list(range(6))
     monkeypatch.setattr(fathom_tune.checkpoint, "save_run", real_save)
 
