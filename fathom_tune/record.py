@@ -80,7 +80,6 @@ __all__ = [
     "WALL",
     "WORKER",
     "RunRecord",
-    "add_round",
     "add_trials",
     "add_wall_time",
     "evaluation",
@@ -88,6 +87,7 @@ __all__ = [
     "load_runs",
     "mark_stale",
     "read_run",
+    "round_trial",
     "set_study_attrs",
     "step_cost",
     "study_name",
@@ -283,8 +283,7 @@ def write_step(trial, *, cost: Cost, evals: list[dict], **attrs) -> None:
         trial.set_user_attr(key, value)
 
 
-def add_round(
-    study: optuna.Study,
+def round_trial(
     *,
     round_index: int,
     hparams: HParams,
@@ -293,13 +292,13 @@ def add_round(
     cost: Cost,
     evals: list[dict],
     **attrs,
-) -> None:
-    """Records one finished round of a ``unit = "round"`` study as one new trial, in one write.
+) -> FrozenTrial:
+    """One finished round of a ``unit = "round"`` study as a trial template (for
+    ``study.add_trial`` or a batch of :func:`fathom_tune._batch.add_trials`).
 
-    For tuners that pick each round's hyperparameters themselves (the one-run
-    peers): the trial's params are ``hparams`` (log-scale distributions over
-    ``bounds``), its value the round's training loss, or ``value=None`` for a
-    diverged round (the trial FAILs and is marked :data:`DIVERGED`).
+    Its params are ``hparams`` (log-scale distributions over ``bounds``), its
+    value the round's training loss, or ``value=None`` for a diverged round
+    (the trial FAILs and is marked :data:`DIVERGED`).
     """
     distributions = {
         n: optuna.distributions.FloatDistribution(getattr(bounds.lower, n), getattr(bounds.upper, n), log=True)
@@ -308,14 +307,12 @@ def add_round(
     user_attrs = {ROUND: int(round_index), COST: cost.as_dict(), EVALS: list(evals), **attrs}
     if value is None:
         user_attrs[DIVERGED] = True
-    study.add_trial(
-        optuna.trial.create_trial(
-            state=TrialState.FAIL if value is None else TrialState.COMPLETE,
-            value=None if value is None else float(value),
-            params=hparams.as_dict(),
-            distributions=distributions,
-            user_attrs=user_attrs,
-        )
+    return optuna.trial.create_trial(
+        state=TrialState.FAIL if value is None else TrialState.COMPLETE,
+        value=None if value is None else float(value),
+        params=hparams.as_dict(),
+        distributions=distributions,
+        user_attrs=user_attrs,
     )
 
 

@@ -544,6 +544,7 @@ def test_rounds_recorded_past_the_checkpoint_are_replayed_not_written_again(tmp_
         return real_save(path, progress=progress, **kw)
 
     monkeypatch.setattr(peer_run.ckpt, "save_run", save)
+    monkeypatch.setattr(peer_run, "FLUSH_SECONDS", 0.0)  # a write and a checkpoint every round
     with pytest.raises(_Crash):
         tuners.get("fedex").run(task, seed=5, storage=url, checkpoint_dir=tmp_path)
     study = optuna.load_study(study_name="toy/fedex/seed5", storage=url)
@@ -553,3 +554,30 @@ def test_rounds_recorded_past_the_checkpoint_are_replayed_not_written_again(tmp_
     plain = tuners.get("fedex").run(task, seed=5)
     assert [t.user_attrs[record.ROUND] for t in resumed.study.trials] == list(range(6))
     assert np.array_equal(flat(resumed.params), flat(plain.params))
+
+
+def test_a_peer_writes_its_rounds_in_batches_and_flushes_them_on_an_interrupt(tmp_path, monkeypatch):
+    # A fast run writes every round in one transaction at the end (one checkpoint after
+    # it); a run stopped in round 4 still writes rounds 0-3 and checkpoints them.
+    task = toy_task().replace(num_rounds=6, eval_every=2)
+    batches, saves = [], []
+    real_add, real_save = peer_run.add_trials, peer_run.ckpt.save_run
+    monkeypatch.setattr(peer_run, "add_trials", lambda study, trials: (batches.append(len(trials)), real_add(study, trials)))
+    monkeypatch.setattr(
+        peer_run.ckpt, "save_run", lambda path, **kw: (saves.append(len(kw["progress"].rows)), real_save(path, **kw))[1]
+    )
+    monkeypatch.setattr(peer_run, "FLUSH_SECONDS", 3600.0)
+    (tmp_path / "a").mkdir()
+    out = tuners.get("fedhyper-gm").run(task, seed=1, storage=f"sqlite:///{tmp_path}/a.db", checkpoint_dir=tmp_path / "a")
+    assert [t.user_attrs[record.ROUND] for t in out.study.trials] == list(range(6))
+    assert batches[-1] == 6 and sum(batches) == 6 and saves == [6]
+    batches.clear()
+    saves.clear()
+    (tmp_path / "b").mkdir()
+    crash_in_round(monkeypatch, 4, _Crash)
+    url = f"sqlite:///{tmp_path}/b.db"
+    with pytest.raises(_Crash):
+        tuners.get("fedhyper-gm").run(task, seed=1, storage=url, checkpoint_dir=tmp_path / "b")
+    study = optuna.load_study(study_name="toy/fedhyper-gm/seed1", storage=url)
+    assert [t.user_attrs[record.ROUND] for t in study.trials] == [0, 1, 2, 3]
+    assert saves == [4]

@@ -16,11 +16,13 @@ import contextlib
 import dataclasses
 import logging
 import math
+import time
 
 import optuna
 
 from fathom_tune import checkpoint as ckpt
 from fathom_tune import checks, record
+from fathom_tune._batch import add_trials
 from fathom_tune.engine import Engine, RoundResult
 from fathom_tune.hparams import ClientHParams, HParams
 from fathom_tune.loop import Outcome, Progress, run
@@ -28,9 +30,14 @@ from fathom_tune.storage import open_storage
 from fathom_tune.task import Task
 from fathom_tune.tuners import Request, Tuner, TuningResult, one_run_storage
 
-__all__ = ["OneRunTuner", "PeerSchedule", "run_peer"]
+__all__ = ["FLUSH_SECONDS", "OneRunTuner", "PeerSchedule", "run_peer"]
 
 _log = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 1.0
+"""Rounds are written to the storage in batches, one transaction per batch (then the
+checkpoint): after the first round that ends at least this long after the last
+write, at the end of the run, and on an interrupt or error."""
 
 
 class PeerSchedule(abc.ABC):
@@ -65,13 +72,23 @@ class PeerSchedule(abc.ABC):
 
 
 class _Recorded:
-    """The loop's schedule around a peer: one trial per round, through the run record."""
+    """The loop's schedule around a peer: one trial per round, through the run record.
+
+    Rounds are queued as trial templates (:func:`fathom_tune.record.round_trial`)
+    in ``pending`` until the run writes a batch (:meth:`take`).
+    """
 
     def __init__(self, study, schedule: PeerSchedule, bounds, recorded):
         self.study = study
         self.schedule = schedule
         self.bounds = bounds
         self.recorded = dict(recorded)
+        self.pending: list = []
+
+    def take(self) -> list:
+        """The queued rounds (the queue starts empty again)."""
+        taken, self.pending = self.pending, []
+        return taken
 
     def propose(self, round_index: int):
         return self.schedule.propose(round_index)
@@ -81,8 +98,7 @@ class _Recorded:
         replay = self.recorded.pop(result.round, None)
         if replay is None:
             evals = [] if metrics is None else [record.evaluation(1, result.cost.examples, metrics)]
-            record.add_round(
-                self.study,
+            self.pending.append(record.round_trial(
                 round_index=result.round,
                 hparams=result.hparams,
                 bounds=self.bounds,
@@ -91,7 +107,7 @@ class _Recorded:
                 evals=evals,
                 **{record.LOCAL_STEPS: int(result.local_steps.sum())},
                 **attrs,
-            )
+            ))
         elif replay.value is not None and not math.isclose(replay.value, result.train_loss, rel_tol=1e-5, abs_tol=1e-7):
             _log.warning(
                 "round %d replayed after a resume gave training loss %r; the study recorded %r",
@@ -128,7 +144,9 @@ def run_peer(
         storage: ``None``, an Optuna storage, an RDB URL or a journal file path.
         study_name: default ``<task>/<tuner>/seed<seed>``.
         checkpoint: a ``.npz`` path for crash-safe resume (needs a persistent
-            storage); written after every round, continued from when it exists.
+            storage); written after each batch of rounds reaches the storage
+            (see :data:`FLUSH_SECONDS`), continued from when it exists (rounds
+            the storage had not received are run again from it).
         num_rounds, eval_every: default: the task's.
         progress: show a progress bar.
         header: extra study attributes (e.g. FedEx's arms).
@@ -188,19 +206,44 @@ def run_peer(
             done = len(resume.rows)
             recorded = {r: t for r, t in record.finished_rounds(study, done, path).items() if r >= done}
         looped = _Recorded(study, schedule, task.bounds, recorded)
+        last = {"write": time.monotonic(), "done": None, "trees": None}
+
+        def write() -> None:
+            """The queued rounds in one transaction, then the checkpoint: never ahead of the storage."""
+            try:
+                add_trials(study, looped.take())
+            except BaseException:
+                last["failed"] = True  # its rounds are lost: no later checkpoint may pass them
+                raise
+            if path is not None and last["done"] is not None and last.get("saved") is not last["done"]:
+                ckpt.save_run(path, kind=kind, fingerprint=fingerprint, progress=last["done"], trees=last["trees"])
+                last["saved"] = last["done"]
+            last["write"] = time.monotonic()
 
         def on_round(done: Progress) -> None:
-            ckpt.save_run(path, kind=kind, fingerprint=fingerprint, progress=done, trees=schedule.trees())
+            last["done"], last["trees"] = done, schedule.trees()
+            if len(done.rows) == num_rounds or time.monotonic() - last["write"] >= FLUSH_SECONDS:
+                write()
 
-        out = run(
-            engine,
-            looped,
-            num_rounds=num_rounds,
-            eval_every=eval_every,
-            resume=resume,
-            on_round=None if path is None else on_round,
-            progress=f"{tuner} {task.name}" if progress else False,
-        )
+        try:
+            out = run(
+                engine,
+                looped,
+                num_rounds=num_rounds,
+                eval_every=eval_every,
+                resume=resume,
+                on_round=on_round,
+                progress=f"{tuner} {task.name}" if progress else False,
+            )
+            if looped.pending or last.get("saved") is not last["done"]:
+                write()
+        except BaseException:  # an interrupt, a kill signal turned exception, an error
+            try:
+                if not last.get("failed"):
+                    write()
+            except Exception:  # noqa: BLE001 - the original exception is the one to see
+                _log.exception("%s %s: could not write the rounds queued at the interrupt", tuner, task.name)
+            raise
         test_metrics = engine.evaluate(out.params, "test")
         hparams = schedule.returned()
         record.write_outcome(study, hparams=hparams, validation=out.final_metrics, test=test_metrics, ledger=out.cost)
