@@ -64,6 +64,7 @@ __all__ = [
     "FEDEX_THETA",
     "FEDHYPER_A",
     "FEDHYPER_BETA",
+    "FEDHYPER_BETA_MEAN",
     "HPARAMS",
     "INTERRUPTED",
     "LEDGER",
@@ -161,6 +162,8 @@ FEDHYPER_A = "fedhyper.a"
 for SL the clients' rate is ``eta_0 (1 + a_t)``)."""
 FEDHYPER_BETA = "fedhyper.beta"
 """FedHyper-CL: each sampled client's factor ``beta`` on ``eta_0`` after its last local step."""
+FEDHYPER_BETA_MEAN = "fedhyper.beta_mean"
+"""FedHyper-CL: the mean of the round's :data:`FEDHYPER_BETA` (a history column)."""
 
 # search baselines' trials (see baselines)
 NOT_RUN = "not_run"

@@ -210,8 +210,10 @@ def run_peer(
 
         def write() -> None:
             """The queued rounds in one transaction, then the checkpoint: never ahead of the storage."""
+            trials = looped.take()
             try:
-                add_trials(study, looped.take())
+                if trials:
+                    add_trials(study, trials)
             except BaseException:
                 last["failed"] = True  # its rounds are lost: no later checkpoint may pass them
                 raise
@@ -235,8 +237,7 @@ def run_peer(
                 on_round=on_round,
                 progress=f"{tuner} {task.name}" if progress else False,
             )
-            if looped.pending or last.get("saved") is not last["done"]:
-                write()
+            write()  # what is still queued (nothing, when the last round just wrote)
         except BaseException:  # an interrupt, a kill signal turned exception, an error
             try:
                 if not last.get("failed"):

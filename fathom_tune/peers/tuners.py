@@ -69,9 +69,9 @@ class _FedHyperSchedule(PeerSchedule):
             server = result.opt_state
             self.a = float((server.inner if isinstance(server, KeptUpdate) else server).a)
         attrs = {} if self.variant == "cl" else {record.FEDHYPER_A: self.a}
-        if self.variant in ("cl", "full"):
+        if self.variant in _CLIENT_RATE:
             attrs[record.FEDHYPER_BETA] = [float(b) for b in result.local_rate]
-            attrs["fedhyper.beta_mean"] = float(np.mean(result.local_rate))
+            attrs[record.FEDHYPER_BETA_MEAN] = float(np.mean(result.local_rate))
         return attrs
 
     def returned(self) -> HParams:
@@ -135,22 +135,18 @@ class FedHyper(OneRunTuner):
         return {"method": "fedhyper", "variant": self.variant}
 
     def engine_options(self, task) -> dict:
-        options = dict(_ENGINE_OPTIONS[self.variant])
-        if self.variant in ("cl", "full"):
+        options = {"server_optimizer": _SERVER_RULES[self.variant]} if self.variant in _SERVER_RULES else {}
+        if self.variant in _CLIENT_RATE:
             options["local_rate"] = ClientRate(clients=task.clients_per_round)
         return options
 
 
 _SERVER_RULES = {"g": fedhyper_server(momentum=None), "gm": fedhyper_server(momentum=GM_MOMENTUM)}
-"""One object per rule, so engines with the same rule share compiled programs."""
-_KEPT = {"cl": keep_update(optax.sgd(1.0)), "full": keep_update(_SERVER_RULES["gm"])}
-_ENGINE_OPTIONS = {
-    "g": {"server_optimizer": _SERVER_RULES["g"]},
-    "gm": {"server_optimizer": _SERVER_RULES["gm"]},
-    "sl": {},
-    "cl": {"server_optimizer": _KEPT["cl"]},
-    "full": {"server_optimizer": _KEPT["full"]},
-}
+_SERVER_RULES.update({"cl": keep_update(optax.sgd(1.0)), "full": keep_update(_SERVER_RULES["gm"])})
+"""Each variant's server optimizer (SL keeps plain FedAvg's); one object per rule, so
+engines with the same rule share compiled programs."""
+_CLIENT_RATE = ("cl", "full")
+"""The variants whose clients adapt their rate step by step (FedHyper-CL)."""
 
 
 # ---------------------------------------------------------------------- FedEx
