@@ -27,8 +27,21 @@ from fathom_tune.engine import Engine, RoundResult
 from fathom_tune.fathom.sampler import DIVERGED_LR_FACTOR
 from fathom_tune.hparams import NAMES, ClientHParams, HParams
 from fathom_tune.peers._run import OneRunTuner, PeerSchedule
-from fathom_tune.peers.fedex import SCHEDULES, arm_gradient, discounted_sums, entropy, exponentiated_step
-from fathom_tune.peers.fedhyper import GM_MOMENTUM, ClientRate, KeptUpdate, fedhyper_server, keep_update, sl_step
+from fathom_tune.peers.fedex import (
+    SCHEDULES,
+    arm_gradient,
+    discounted_sums,
+    entropy,
+    exponentiated_step,
+)
+from fathom_tune.peers.fedhyper import (
+    GM_MOMENTUM,
+    ClientRate,
+    KeptUpdate,
+    fedhyper_server,
+    keep_update,
+    sl_step,
+)
 
 __all__ = ["FEDHYPER_VARIANTS", "FedEx", "FedHyper", "fedex_candidates"]
 
