@@ -93,6 +93,7 @@ from fathom_tune.hparams import ClientHParams, HParams
 from fathom_tune.task import Task
 
 __all__ = [
+    "FEDAVG_SERVER",
     "LARGE_MODEL_EQNS",
     "ClientStatistic",
     "Cost",
@@ -111,7 +112,9 @@ __all__ = [
 ]
 
 _SPLITS = ("train", "validation", "test")
-_FEDAVG_SERVER = optax.sgd(1.0)  # one object, so default engines share programs
+FEDAVG_SERVER = optax.sgd(1.0)
+"""Plain FedAvg's server step, x <- x - u: the default server optimizer (one object, so
+default engines share compiled programs)."""
 
 
 class Engine(_RoundPaths):
@@ -215,7 +218,7 @@ class Engine(_RoundPaths):
                 f"update), got {client_statistic!r}"
             )
         if server_optimizer is None:
-            server_optimizer = _FEDAVG_SERVER
+            server_optimizer = FEDAVG_SERVER
         if not isinstance(server_optimizer, optax.GradientTransformation):
             raise TypeError(
                 "server_optimizer must be an optax.GradientTransformation, "

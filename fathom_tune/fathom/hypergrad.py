@@ -26,12 +26,14 @@ Model-shaped arguments are pytrees (JAX or NumPy arrays); those functions use
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fathom_tune import checks
 
@@ -39,11 +41,13 @@ __all__ = [
     "ClientTracker",
     "LocalAgreement",
     "ServerTracker",
+    "TrackedState",
     "aggregate_round",
     "client_cosine",
     "global_hypergradient",
     "local_hypergradient",
     "safe_cosine",
+    "track_agreement",
     "update_momentum",
 ]
 
@@ -291,6 +295,60 @@ class ServerTracker(NamedTuple):
         """Returns ``(H, tracker)``: ``H`` from the previous ``m``, then ``m`` updated."""
         h = global_hypergradient(self.momentum, update)
         return h, self._replace(momentum=update_momentum(self.momentum, update, self.alpha))
+
+
+class TrackedState(NamedTuple):
+    """The state of :func:`track_agreement`: the inner optimizer's, and FATHOM's server side.
+
+    Attributes:
+        inner: the wrapped server optimizer's state.
+        momentum: ``m`` after the last update (zeros before the first).
+        h: ``H = cos(m_prev, u)`` of the last update (0 before the first).
+    """
+
+    inner: Any
+    momentum: PyTree
+    h: jax.Array
+
+
+@functools.lru_cache(maxsize=32)
+def track_agreement(inner: optax.GradientTransformation, alpha: float) -> optax.GradientTransformation:
+    """``inner`` as the server optimizer, with :class:`ServerTracker`'s step in the same update.
+
+    Each update ``u`` (the round's mean FedAvg update) also computes
+    ``H = cos(m, u)`` and ``m <- alpha m + (1 - alpha) u`` into the state
+    (:class:`TrackedState`); the steps are ``inner``'s unchanged. An engine
+    with this server optimizer computes FATHOM's ``H`` inside the round's
+    compiled call: no call of its own per round, and a diverged round, whose
+    state the loop discards, leaves ``m`` as it was. The same ``(inner,
+    alpha)`` gives the same object, so engines share compiled programs.
+
+    >>> import jax.numpy as jnp
+    >>> rule = track_agreement(optax.sgd(1.0), 0.5)
+    >>> state = rule.init({"w": jnp.zeros(2)})
+    >>> step, state = rule.update({"w": jnp.array([1.0, 0.0])}, state)
+    >>> step["w"].tolist(), float(state.h), state.momentum["w"].tolist()
+    ([-1.0, -0.0], 0.0, [0.5, 0.0])
+    >>> step, state = rule.update({"w": jnp.array([1.0, 1.0])}, state)
+    >>> round(float(state.h), 4)
+    0.7071
+    """
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner).__name__}")
+    alpha = ServerTracker.init({}, alpha=alpha).alpha  # checked as ServerTracker checks it
+
+    def init(params):
+        tracker = ServerTracker.init(params, alpha=alpha)
+        dtype = _accumulator_dtype(jax.tree_util.tree_leaves(params))
+        return TrackedState(inner=inner.init(params), momentum=tracker.momentum, h=jnp.zeros((), dtype))
+
+    def update(updates, state, params=None):
+        # alpha as a traced scalar, as a jitted ServerTracker.update sees it
+        h, tracker = ServerTracker(momentum=state.momentum, alpha=jnp.asarray(alpha)).update(updates)
+        step, inner_state = inner.update(updates, state.inner, params)
+        return step, TrackedState(inner=inner_state, momentum=tracker.momentum, h=h.astype(state.h.dtype))
+
+    return optax.GradientTransformation(init, update)
 
 
 @dataclasses.dataclass(frozen=True)

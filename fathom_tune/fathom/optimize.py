@@ -20,7 +20,7 @@ import pathlib
 import time
 import warnings
 
-import jax
+import optax
 import optuna
 from optuna.storages import InMemoryStorage
 from optuna.trial import FrozenTrial, TrialState
@@ -28,8 +28,13 @@ from optuna.trial import FrozenTrial, TrialState
 from fathom_tune import checkpoint as ckpt
 from fathom_tune import checks, record
 from fathom_tune._batch import Writes, add_trials
-from fathom_tune.engine import Engine, RoundResult
-from fathom_tune.fathom.hypergrad import LocalAgreement, ServerTracker, local_hypergradient
+from fathom_tune.engine import FEDAVG_SERVER, Engine, RoundResult
+from fathom_tune.fathom.hypergrad import (
+    LocalAgreement,
+    TrackedState,
+    local_hypergradient,
+    track_agreement,
+)
 from fathom_tune.fathom.sampler import FathomSampler, report_divergence, report_round
 from fathom_tune.fathom.state import FathomConfig
 from fathom_tune.hparams import NAMES, HParams
@@ -50,20 +55,18 @@ _rounds_log = logging.getLogger("fathom_tune.rounds")
 ROUND_HEADER = f"{'round':>5} {'eta':>9} {'E':>8} {'B':>8} {'steps':>6} {'H':>7} {'G':>7} {'loss':>9}  validation"
 
 
-@jax.jit
-def _server_step(tracker: ServerTracker, update):
-    return tracker.update(update)
-
-
 class _FathomSchedule:
     """The loop's schedule: each round's hyperparameters, and each round as a finished trial.
 
-    The hyperparameters come from :meth:`FathomSampler.following` of the
-    previous round, as the sampler would derive them from the study; each
-    round is recorded as the trial the sampler's ask-and-tell protocol would
-    write (its three parameters, ``G``, ``H``, cost, evaluations; training
-    loss as value, ``FAIL`` for a diverged round) and queued in ``pending``
-    until the run flushes a batch to the storage (:func:`fathom_tune._batch.add_trials`).
+    The hyperparameters come from :meth:`FathomSampler.after` the previous
+    round, as the sampler derives them from that round's trial; each round
+    is queued in ``pending`` (a :class:`_Round`, the few numbers its trial is
+    made of) until the run flushes a batch to the storage, where it becomes
+    the trial the sampler's ask-and-tell protocol would write (its three
+    parameters, ``G``, ``H``, cost, evaluations; training loss as value,
+    ``FAIL`` for a diverged round; :func:`fathom_tune._batch.add_trials`).
+    Building the trials with the write keeps that work off the rounds'
+    critical path (on the writer's thread for a persistent storage).
 
     ``recorded`` maps rounds that the study already finished (a resumed run
     whose checkpoint is older than the study) to their trials: those rounds
@@ -71,13 +74,12 @@ class _FathomSchedule:
     hyperparameters, and nothing new is written for them.
     """
 
-    def __init__(self, study, sampler: FathomSampler, tracker: ServerTracker, recorded=None):
+    def __init__(self, study, sampler: FathomSampler, recorded=None):
         self.study = study
         self.sampler = sampler
-        self.tracker = tracker
         self.recorded = dict(recorded or {})
         self.replay = None
-        self.pending: list[FrozenTrial] = []
+        self.pending: list[_Round] = []
         self.next = sampler.next_hparams(study)
         self.started = None
         self.distributions = sampler.search_space
@@ -91,10 +93,9 @@ class _FathomSchedule:
 
     def observe(self, result: RoundResult, metrics, accepted: bool) -> Outcome:
         G = local_hypergradient(result.statistic, result.num_examples)
-        h = math.nan
-        if accepted:
-            h, self.tracker = _server_step(self.tracker, result.update)
-            h = float(h)
+        # H = cos(m, u) came with the round: the engine's server optimizer is
+        # track_agreement(...), whose state holds H and the updated m.
+        h = float(result.opt_state.h) if accepted else math.nan
         if self.replay is not None:
             trial = self.replay
             if accepted and not math.isclose(trial.value, result.train_loss, rel_tol=1e-5, abs_tol=1e-7):
@@ -104,10 +105,12 @@ class _FathomSchedule:
                     RuntimeWarning,
                     stacklevel=2,
                 )
+            self.next = self.sampler.following(trial) or self.next
         else:
-            trial = self._trial(result, metrics, accepted, G, h)
-            self.pending.append(trial)
-        self.next = self.sampler.following(trial) or self.next
+            done = _Round(result, metrics, accepted, G, h, self.started)
+            self.pending.append(done)
+            # What the sampler's following() of this round's trial gives, without the trial.
+            self.next = self.sampler.after(result.hparams, G=done.G, H=done.H, diverged=not accepted)
         if _rounds_log.isEnabledFor(logging.INFO):
             hp = result.hparams
             shown = " ".join(f"{k}={v:.4g}" for k, v in (metrics or {}).items())
@@ -117,36 +120,60 @@ class _FathomSchedule:
             )
         return Outcome(record={"H": h, "G": G, "diverged": not accepted})
 
-    def _trial(self, result: RoundResult, metrics, accepted: bool, G: float, h: float) -> FrozenTrial:
-        """The round as the trial FathomSampler's ask-and-tell protocol records."""
-        hp = result.hparams
-        attrs = _Attrs({record.ROUND: int(result.round)})
-        evals = [] if metrics is None else [record.evaluation(1, result.cost.examples, metrics)]
-        record.write_step(
-            attrs, cost=result.cost, evals=evals, **{record.LOCAL_STEPS: int(result.local_steps.sum())}
-        )
-        if accepted:
-            report_round(attrs, G=G, H=h)
+    def take(self) -> list[FrozenTrial]:
+        """The queued rounds as trials (the queue starts empty again)."""
+        return self.taker()()
+
+    def taker(self):
+        """The queued rounds, as a function that makes them trials (for the writer's thread)."""
+        taken, self.pending = self.pending, []
+        distributions = self.distributions
+        return lambda: [r.trial(distributions) for r in taken]
+
+
+class _Round:
+    """A finished round as the numbers its trial is made of (:meth:`trial` makes it)."""
+
+    __slots__ = ("accepted", "completed", "cost", "hparams", "loss", "metrics", "reported", "round", "started", "steps")
+
+    def __init__(self, result: RoundResult, metrics, accepted: bool, G: float, h: float, started) -> None:
+        self.round, self.hparams, self.cost = int(result.round), result.hparams, result.cost
+        self.loss, self.steps = float(result.train_loss), int(result.local_steps.sum())
+        self.metrics, self.accepted, self.started = metrics, accepted, started
+        self.completed = datetime.datetime.now()
+        self.reported = _Attrs()
+        if accepted:  # G and H as report_round records them (clamped to [-1, 1])
+            report_round(self.reported, G=G, H=h)
         else:
-            report_divergence(attrs)
+            report_divergence(self.reported)
+
+    @property
+    def G(self) -> float | None:
+        return self.reported.get(record.FATHOM_G)
+
+    @property
+    def H(self) -> float | None:
+        return self.reported.get(record.FATHOM_H)
+
+    def trial(self, distributions) -> FrozenTrial:
+        """The round as the trial FathomSampler's ask-and-tell protocol records."""
+        attrs = _Attrs({record.ROUND: self.round})
+        evals = [] if self.metrics is None else [record.evaluation(1, self.cost.examples, self.metrics)]
+        record.write_step(attrs, cost=self.cost, evals=evals, **{record.LOCAL_STEPS: self.steps})
+        attrs.update(self.reported)
         return FrozenTrial(
             number=0,
             trial_id=0,
-            state=TrialState.COMPLETE if accepted else TrialState.FAIL,
-            value=float(result.train_loss) if accepted else None,
+            state=TrialState.COMPLETE if self.accepted else TrialState.FAIL,
+            value=self.loss if self.accepted else None,
             datetime_start=self.started,
-            datetime_complete=datetime.datetime.now(),
-            params={n: getattr(hp, n) for n in NAMES},
-            distributions=self.distributions,
+            datetime_complete=self.completed,
+            params={n: getattr(self.hparams, n) for n in NAMES},
+            distributions=distributions,
             user_attrs=dict(attrs),
             system_attrs={},
             intermediate_values={},
         )
-
-    def take(self) -> list[FrozenTrial]:
-        """The queued rounds, handed to the writer (the queue starts empty again)."""
-        taken, self.pending = self.pending, []
-        return taken
 
 
 class _Attrs(dict):
@@ -246,7 +273,13 @@ def optimize(
     if study_name is not None and (not isinstance(study_name, str) or not study_name):
         raise ValueError(f"study_name must be a non-empty str or None, got {study_name!r}")
     name = study_name or record.study_name(task.name, tuner, seed)
-    engine = Engine(task, seed=seed, client_statistic=LocalAgreement(), **engine_kwargs)
+    server = engine_kwargs.pop("server_optimizer", None)
+    if server is not None and not isinstance(server, optax.GradientTransformation):
+        raise TypeError(f"server_optimizer must be an optax.GradientTransformation, got {type(server).__name__}")
+    # FATHOM's server side (H and m) runs inside the round's compiled call, in the
+    # server optimizer's state.
+    server = track_agreement(FEDAVG_SERVER if server is None else server, config.alpha)
+    engine = Engine(task, seed=seed, client_statistic=LocalAgreement(), server_optimizer=server, **engine_kwargs)
     num_rounds = checks.positive_int("num_rounds", task.num_rounds if num_rounds is None else num_rounds)
     if eval_every is not None:
         checks.positive_int("eval_every", eval_every)
@@ -292,35 +325,43 @@ class _Run:
             self.engine, study=self.name, num_rounds=self.num_rounds, eval_every=self.eval_every, config=config
         )
 
-    def write(self, study: optuna.Study, trials: list[FrozenTrial], done: Progress | None, momentum) -> None:
+    def write(self, study: optuna.Study, trials: list[FrozenTrial], done: Progress | None) -> None:
         """Writes ``trials`` (one transaction), then checkpoints ``done``: the checkpoint is
-        never ahead of the storage (a study ahead of it is replayed on resume)."""
+        never ahead of the storage (a study ahead of it is replayed on resume).
+
+        The checkpoint holds the server optimizer's own state and FATHOM's ``m``
+        apart (``momentum``), as it did before ``m`` moved into the engine's
+        server optimizer (:func:`track_agreement`): checkpoints stay compatible.
+        """
         add_trials(study, trials)
         if self.path is not None and done is not None:
+            tracked: TrackedState = done.state.opt_state
             ckpt.save_run(
                 self.path,
                 kind=CHECKPOINT_KIND,
                 fingerprint=self.fingerprint,
-                progress=done,
-                trees={"momentum": momentum},
+                progress=dataclasses.replace(done, state=dataclasses.replace(done.state, opt_state=tracked.inner)),
+                trees={"momentum": tracked.momentum},
             )
 
-    def load(self) -> tuple[Progress, ServerTracker]:
+    def load(self) -> Progress:
         state = self.engine.init()
-        momentum = ServerTracker.init(state.params).momentum
+        fresh: TrackedState = state.opt_state
         progress, trees = ckpt.load_run(
             self.path,
             kind=CHECKPOINT_KIND,
             fingerprint=self.fingerprint,
-            state=state,
-            templates={"momentum": momentum},
+            state=dataclasses.replace(state, opt_state=fresh.inner),
+            templates={"momentum": fresh.momentum},
         )
-        return progress, ServerTracker(momentum=trees["momentum"], alpha=self.config.alpha)
+        restored = progress.state
+        tracked = fresh._replace(inner=restored.opt_state, momentum=trees["momentum"])
+        return dataclasses.replace(progress, state=dataclasses.replace(restored, opt_state=tracked))
 
-    def open_study(self, opened) -> tuple[optuna.Study, Progress | None, ServerTracker]:
-        resume, tracker = None, None
+    def open_study(self, opened) -> tuple[optuna.Study, Progress | None]:
+        resume = None
         if self.path is not None and self.path.exists():
-            resume, tracker = self.load()
+            resume = self.load()
         existing = {}
         if opened is not None:
             existing = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(opened)}
@@ -352,12 +393,10 @@ class _Run:
             config=config.settings(),
             objective="train_loss",  # each round's trial holds its training loss
         )
-        if tracker is None:
-            tracker = ServerTracker.init(self.engine.init().params, alpha=config.alpha)
-        return study, resume, tracker
+        return study, resume
 
     def __call__(self, opened, progress: bool) -> TuningResult:
-        study, resume, tracker = self.open_study(opened)
+        study, resume = self.open_study(opened)
         recorded = {} if resume is None else _reconcile(study, resume, self.path)
         _log.info(
             "FATHOM %s: %s at round %d of %d",
@@ -367,21 +406,21 @@ class _Run:
             self.num_rounds,
         )
         sampler = study.sampler
-        schedule = _FathomSchedule(study, sampler, tracker, recorded)
+        schedule = _FathomSchedule(study, sampler, recorded)
 
         # Rounds and checkpoints are written by one background job at a time, so a
         # commit's or an fsync's wait overlaps the next rounds' training.
         writes = Writes(threaded=self.path is not None or not isinstance(study._storage, InMemoryStorage))
-        last = {"write": time.monotonic(), "done": resume, "momentum": tracker.momentum}
+        last = {"write": time.monotonic(), "done": resume}
 
         def write(done: Progress | None) -> None:
-            trials, momentum = schedule.take(), last["momentum"]
+            trials = schedule.taker()
             if done is not None:  # the rows as they are now, for the writer's thread
                 done = dataclasses.replace(done, rows=tuple(done.rows))
 
             def job() -> None:
                 try:
-                    self.write(study, trials, done, momentum)
+                    self.write(study, trials(), done)
                 except BaseException:
                     last["failed"] = True  # its rounds are lost: no later checkpoint may pass them
                     raise
@@ -391,7 +430,7 @@ class _Run:
 
         def on_round(done: Progress) -> None:
             rounds = len(done.rows)
-            last["done"], last["momentum"] = done, schedule.tracker.momentum  # m after this round
+            last["done"] = done
             if rounds == self.num_rounds or (self.every is not None and rounds % self.every == 0):
                 write(done)
             elif time.monotonic() - last["write"] >= self.flush_seconds and not writes.busy():
@@ -414,7 +453,7 @@ class _Run:
             try:
                 writes.drain()
                 if not last.get("failed"):
-                    self.write(study, schedule.take(), last["done"], last["momentum"])
+                    self.write(study, schedule.take(), last["done"])
             except Exception:  # noqa: BLE001 - the original exception is the one to see
                 _log.exception("FATHOM %s: could not write the rounds queued at the interrupt", self.name)
             raise

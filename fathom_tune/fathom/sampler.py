@@ -264,11 +264,9 @@ class FathomSampler(BaseSampler):
         """
         if not trial.state.is_finished() or not all(n in trial.params for n in NAMES):
             return None
-        config = self._config
         used = HParams(**{n: trial.params[n] for n in NAMES})
         if trial.user_attrs.get(DIVERGED_ATTR) is True:
-            eta = used.learning_rate * DIVERGED_LR_FACTOR
-            return config.bounds.clip(dataclasses.replace(used, learning_rate=eta))
+            return self.after(used, diverged=True)
         if trial.state != TrialState.COMPLETE or REJECTED_ATTR in trial.system_attrs:
             return None
         problem = _round_problem(trial)
@@ -281,6 +279,19 @@ class FathomSampler(BaseSampler):
             )
         H = _hypergradient_value(trial.user_attrs[H_ATTR])
         G = _hypergradient_value(trial.user_attrs[G_ATTR])
+        return self.after(used, G=G, H=H)
+
+    def after(self, used: HParams, *, G: float = 0.0, H: float = 0.0, diverged: bool = False) -> HParams:
+        """The hyperparameters of the round after one that ran with ``used``: FATHOM's step
+        with its hypergradients ``G`` and ``H`` (recorded values, in [-1, 1]), or, after a
+        diverged round, ``used`` with the learning rate times :data:`DIVERGED_LR_FACTOR`.
+
+        :meth:`following` of that round's trial gives the same.
+        """
+        config = self._config
+        if diverged:
+            eta = used.learning_rate * DIVERGED_LR_FACTOR
+            return config.bounds.clip(dataclasses.replace(used, learning_rate=eta))
         return next_hparams(used, H, G, config)
 
     def infer_relative_search_space(

@@ -13,6 +13,7 @@ is :class:`~fathom_tune.fathom.ServerTracker`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -92,8 +93,25 @@ def egn_step(p, H: float, G: float, gamma, lower, upper) -> np.ndarray:
             f"need 0 < lower <= upper, got lower={lower.tolist()}, upper={upper.tolist()}"
         )
     H, G = _finite("H", H), _finite("G", G)
-    step = gamma * np.array([H, H + G, -G])
-    return np.clip(p + step, np.log(lower), np.log(upper))
+    return _step(p, H, G, gamma, np.log(lower), np.log(upper))
+
+
+def _step(p: np.ndarray, H: float, G: float, gamma: np.ndarray, log_lower, log_upper) -> np.ndarray:
+    """:func:`egn_step` on checked arguments, the bounds already in log space."""
+    return np.clip(p + gamma * np.array([H, H + G, -G]), log_lower, log_upper)
+
+
+@functools.lru_cache(maxsize=64)
+def _box(config: FathomConfig) -> tuple[np.ndarray, ...]:
+    """``config``'s gamma, bounds and log bounds as arrays (built once per config: a
+    run's every round uses them)."""
+    bounds = config.bounds
+    lower = np.array([getattr(bounds.lower, n) for n in NAMES])
+    upper = np.array([getattr(bounds.upper, n) for n in NAMES])
+    out = (_vector3("gamma", config.gamma), lower, upper, np.log(lower), np.log(upper))
+    for a in out:
+        a.setflags(write=False)
+    return out
 
 
 def next_hparams(used: HParams, H: float, G: float, config: FathomConfig) -> HParams:
@@ -115,17 +133,15 @@ def next_hparams(used: HParams, H: float, G: float, config: FathomConfig) -> HPa
         >>> next_hparams(HParams(0.1, 3.0, 20.0), 0.5, 0.2, cfg).local_epochs
         3.0
     """
-    bounds = config.bounds
-    lower = np.array([getattr(bounds.lower, n) for n in NAMES])
-    upper = np.array([getattr(bounds.upper, n) for n in NAMES])
-    p = egn_step(log_hparams(used), H, G, config.gamma, lower, upper)
+    gamma, lower, upper, log_lower, log_upper = _box(config)
+    p = _step(log_hparams(used), _finite("H", H), _finite("G", G), gamma, log_lower, log_upper)
     values = {}
     for i, name in enumerate(NAMES):
-        if config.gamma[i] == 0.0:
+        if gamma[i] == 0.0:
             values[name] = min(max(getattr(used, name), lower[i]), upper[i])
-        elif p[i] <= np.log(lower[i]):
+        elif p[i] <= log_lower[i]:
             values[name] = float(lower[i])
-        elif p[i] >= np.log(upper[i]):
+        elif p[i] >= log_upper[i]:
             values[name] = float(upper[i])
         else:
             values[name] = min(max(float(np.exp(p[i])), lower[i]), upper[i])
