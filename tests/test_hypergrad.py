@@ -418,3 +418,48 @@ def test_fathom_config_checks_init_against_bounds_and_types():
         FathomConfig(init={"learning_rate": 0.1})
     with pytest.raises(TypeError, match="FathomConfig.gamma_batch_size"):
         FathomConfig(gamma_batch_size="0.1")
+
+
+# --------------------------------------------------------------------------- track_agreement
+
+
+def test_track_agreement_computes_h_and_m_in_the_engines_round():
+    """An engine whose server optimizer is track_agreement(sgd(1), alpha): the same
+    model as plain FedAvg, bit for bit, and H, m as worked out here in NumPy from the
+    rounds' updates u_t = x_t - x_{t+1}."""
+    import optax
+
+    import fathom_tune
+    from fathom_tune.engine import FEDAVG_SERVER, Engine
+    from fathom_tune.fathom.hypergrad import TrackedState, track_agreement
+
+    task = fathom_tune.tasks.digits()
+    alpha = 0.7
+    plain, tracked = Engine(task), Engine(task, server_optimizer=track_agreement(FEDAVG_SERVER, alpha))
+    a, b = plain.init(), tracked.init()
+    assert isinstance(b.opt_state, TrackedState) and float(b.opt_state.h) == 0.0
+    m = np.zeros(sum(x.size for x in jax.tree_util.tree_leaves(a.params)))
+
+    def flat(tree):
+        return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(tree)])
+
+    for _ in range(3):
+        before = flat(b.params)
+        a, _ = plain.run_round(a, task.init_hparams)
+        b, result = tracked.run_round(b, task.init_hparams)
+        for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        u = before - flat(b.params)  # sgd(1.0): x <- x - u
+        norms = np.linalg.norm(m) * np.linalg.norm(u)
+        expected_h = 0.0 if norms == 0 else float(m @ u / norms)
+        m = alpha * m + (1 - alpha) * u
+        assert float(result.opt_state.h) == pytest.approx(expected_h, abs=2e-5)
+        np.testing.assert_allclose(flat(b.opt_state.momentum), m, rtol=1e-4, atol=1e-7)
+    assert expected_h > 0.5  # the check reached a non-trivial H
+    # One object per (inner, alpha): engines share compiled programs.
+    assert track_agreement(FEDAVG_SERVER, alpha) is track_agreement(FEDAVG_SERVER, alpha)
+    assert track_agreement(FEDAVG_SERVER, alpha) is not track_agreement(optax.sgd(1.0), alpha)
+    with pytest.raises(ValueError, match="alpha"):
+        track_agreement(FEDAVG_SERVER, 1.0)
+    with pytest.raises(TypeError, match="GradientTransformation"):
+        track_agreement("sgd", 0.5)

@@ -589,3 +589,31 @@ def test_rounds_written_by_another_sampler_are_noticed(tmp_path):
     expected = make_sampler().next_hparams(optuna.load_study(storage=url, study_name="s"))
     assert mine.next_hparams(study) == expected
     assert expected != mine.following(study.trials[2])  # the count told it to read again
+
+
+@pytest.mark.parametrize("gamma_zero", [False, True])
+def test_after_equals_following_of_the_rounds_trial(gamma_zero):
+    """FathomSampler.after(used, G, H) is what following() derives from the trial that
+    records the round, over many rounds, bounds reached, and diverged rounds."""
+    config = FathomConfig(gamma_local_epochs=0.0) if gamma_zero else None
+    sampler = make_sampler(config=config)
+    study = optuna.create_study(sampler=sampler)
+    rng = np.random.default_rng(3)
+    hp = INIT
+    for number in range(60):
+        trial = study.ask()
+        hp = sampler.suggest(trial)
+        diverged = number % 17 == 5
+        G, H = (float(v) for v in rng.uniform(-1, 1, 2) * (30 if number % 11 == 0 else 1))
+        G, H = max(min(G, 1.0), -1.0), max(min(H, 1.0), -1.0)
+        if diverged:
+            report_divergence(trial)
+            study.tell(trial, state=TrialState.FAIL)
+            expected = sampler.after(hp, diverged=True)
+        else:
+            report_round(trial, G=G, H=H)
+            study.tell(trial, 1.0)
+            expected = sampler.after(hp, G=G, H=H)
+        assert sampler.following(study.trials[-1]) == expected
+        assert sampler.next_hparams(study) == expected
+    assert expected != INIT
