@@ -13,7 +13,10 @@ attributes and told through Optuna's trial API: each call is its own commit.
   lock, one ``fsync``), in the format ``JournalStorage.create_new_trial``
   writes;
 * any other storage (in memory, a journal with snapshots, a gRPC proxy): one
-  ``create_new_trial`` per trial.
+  ``create_new_trial`` per trial. The templates are handed over: where the
+  storage deep-copies a template (Optuna's in-memory storage does, about
+  half a millisecond per FATHOM round on digits), it copies only the
+  template's dicts, one level deep.
 
 Read back through any Optuna API, the trials equal those ``study.add_trials``
 writes (tests compare the two field by field on every storage kind).
@@ -38,7 +41,8 @@ def add_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
     """Adds finished ``trials`` (templates, as for ``study.add_trials``) to ``study``.
 
     Each trial gets the next trial number in order; ``number`` and
-    ``_trial_id`` of the templates are ignored.
+    ``_trial_id`` of the templates are ignored. The templates are the
+    storage's from then on: do not change them (or what their attributes hold).
 
     Raises:
         ValueError: a template that is not finished.
@@ -59,7 +63,23 @@ def add_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
         _journal_append(storage, study._study_id, trials)
     else:
         for t in trials:
-            storage.create_new_trial(study._study_id, template_trial=t)
+            storage.create_new_trial(study._study_id, template_trial=_handed(t))
+
+
+class _Handed(FrozenTrial):
+    """A template handed over to a storage: its deep copy is a plain :class:`FrozenTrial`
+    with the template's dicts and lists copied one level deep (their values shared)."""
+
+    def __deepcopy__(self, memo) -> FrozenTrial:
+        out = FrozenTrial.__new__(FrozenTrial)
+        out.__dict__.update({k: type(v)(v) if type(v) in (dict, list) else v for k, v in vars(self).items()})
+        return out
+
+
+def _handed(trial: FrozenTrial) -> _Handed:
+    out = _Handed.__new__(_Handed)
+    out.__dict__.update(vars(trial))
+    return out
 
 
 def set_study_attrs(study: optuna.Study, attrs: dict) -> None:

@@ -263,3 +263,21 @@ def test_study_attrs_are_set_in_one_transaction(tmp_path, kind):
         assert len(commits) == 1
     again = optuna.load_study(study_name="s", storage=storage)
     assert again.user_attrs == {"kept": 1, "changed": {"a": [2, 3]}, "new": None, "text": "x"}
+
+
+def test_add_trials_in_memory_keeps_plain_trials_of_their_own():
+    """In memory the templates are not deep-copied; the stored trials are still plain
+    FrozenTrials whose dicts are their own (changing a template's dicts changes nothing)."""
+    study = optuna.create_study()
+    templates = [_template(i) for i in range(3)]
+    add_trials(study, templates)
+    for t in templates:
+        t.user_attrs["round"] = -1
+        t.params["k"] = 99
+        t.distributions.clear()
+    stored = study.get_trials(deepcopy=False)
+    assert [type(t) for t in stored] == [FrozenTrial] * 3
+    assert [t.user_attrs["round"] for t in stored] == [0, 1, 2]
+    assert [t.params["k"] for t in stored] == [1, 2, 3]
+    assert all(set(t.distributions) == {"learning_rate", "k"} for t in stored)
+    assert _fields(stored) == _fields(study.trials)  # and Optuna's own copies read the same
