@@ -145,13 +145,29 @@ class Cost:
     bytes_up: int = 0
     seconds: float = 0.0
 
+    # Field by field, not through dataclasses.astuple/asdict: every round adds one
+    # (about 20 against 3 microseconds).
     def __add__(self, other: Cost) -> Cost:
         if not isinstance(other, Cost):
             return NotImplemented
-        return Cost(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        return Cost(
+            self.rounds + other.rounds,
+            self.examples + other.examples,
+            self.steps + other.steps,
+            self.bytes_down + other.bytes_down,
+            self.bytes_up + other.bytes_up,
+            self.seconds + other.seconds,
+        )
 
     def as_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
+        return {
+            "rounds": self.rounds,
+            "examples": self.examples,
+            "steps": self.steps,
+            "bytes_down": self.bytes_down,
+            "bytes_up": self.bytes_up,
+            "seconds": self.seconds,
+        }
 
 
 @dataclasses.dataclass(frozen=True)

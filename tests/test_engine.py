@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import _toy
@@ -297,6 +298,15 @@ def test_cost_and_hparams_integer_conventions():
     assert HParams(0.1, 0.01, 20.0).local_steps(130) == 1  # at least one step
     assert HParams(0.1, 1.0, 20.0).local_steps(130) == 7  # ceil(6.5)
     assert Cost() + Cost(rounds=1) == Cost(rounds=1)
+
+
+def test_cost_adds_and_lists_every_field():
+    """Cost's sum and as_dict are written field by field: each field counts."""
+    names = [f.name for f in dataclasses.fields(Cost)]
+    a = Cost(**{n: 10 ** i for i, n in enumerate(names)})
+    b = Cost(**{n: 3 * 10 ** i for i, n in enumerate(names)})
+    assert (a + b).as_dict() == {n: 4 * 10 ** i for i, n in enumerate(names)}
+    assert a.as_dict() == dataclasses.asdict(a) and list(a.as_dict()) == names
 
 
 def _unrolled_model(steps):
