@@ -7,7 +7,8 @@ training run:
 * :mod:`~fathom_tune.fathom.hypergrad`: the client statistic ``phi`` (an
   engine hook, :class:`LocalAgreement`, that static runs leave off), ``G``,
   ``H`` and the server's moving average ``m`` with its ``alpha``
-  (:class:`ServerTracker`);
+  (:class:`ServerTracker`, or :func:`track_agreement` to have an engine's
+  server optimizer compute them inside the round);
 * :mod:`~fathom_tune.fathom.state`: ``p = log(hyperparameters)``, the EGN step
   and :class:`FathomConfig`;
 * :mod:`~fathom_tune.fathom.sampler`: :class:`FathomSampler`, an Optuna
@@ -24,6 +25,7 @@ from fathom_tune.fathom.hypergrad import ServerTracker
 from fathom_tune.fathom.hypergrad import aggregate_round
 from fathom_tune.fathom.hypergrad import local_hypergradient
 from fathom_tune.fathom.hypergrad import safe_cosine
+from fathom_tune.fathom.hypergrad import track_agreement
 from fathom_tune.fathom.state import FathomConfig
 from fathom_tune.fathom.state import egn_step
 from fathom_tune.fathom.sampler import DIVERGED_LR_FACTOR
@@ -53,4 +55,5 @@ __all__ = [
     "report_divergence",
     "report_round",
     "safe_cosine",
+    "track_agreement",
 ]
