@@ -329,9 +329,9 @@ class _Run:
         """Writes ``trials`` (one transaction), then checkpoints ``done``: the checkpoint is
         never ahead of the storage (a study ahead of it is replayed on resume).
 
-        The checkpoint holds the server optimizer's own state and FATHOM's ``m``
-        apart (``momentum``), as it did before ``m`` moved into the engine's
-        server optimizer (:func:`track_agreement`): checkpoints stay compatible.
+        The checkpoint holds the server optimizer's own state, and FATHOM's ``m``
+        apart (``momentum``), not the :func:`track_agreement` state around them:
+        the layout is the same whatever server optimizer FATHOM wraps.
         """
         add_trials(study, trials)
         if self.path is not None and done is not None:
