@@ -14,7 +14,8 @@ training run:
 * :mod:`~fathom_tune.fathom.sampler`: :class:`FathomSampler`, an Optuna
   sampler with one trial per round, for any federated loop;
 * :mod:`~fathom_tune.fathom.optimize`: :func:`optimize`, one run on the
-  project's engine recorded through :mod:`fathom_tune.record`;
+  project's engine recorded through :mod:`fathom_tune.record` (its side of
+  the round loop: ``fathom_tune.fathom._schedule``);
 * :mod:`~fathom_tune.fathom.tuner`: :class:`Fathom`, the registered tuner.
 """
 
