@@ -302,6 +302,8 @@ def _compare(args, out_root: pathlib.Path, out_created: bool) -> int:
     logging.basicConfig(format="%(message)s")
     for name in ("fathom_tune", "baselines"):  # what the tuners say: resumed, read back, ...
         logging.getLogger(name).setLevel(logging.INFO)
+    # ... but not FATHOM's line per round (python -m studies.fathom shows those, with a header)
+    logging.getLogger("fathom_tune.rounds").setLevel(logging.WARNING)
     task = args.task_obj
     start = time.perf_counter()
     print(

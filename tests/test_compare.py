@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pathlib
@@ -345,3 +346,13 @@ def test_the_command_lines_know_every_built_in_task():
     from studies._cli import TASKS
 
     assert sorted(TASKS) == sorted(fathom_tune.tasks.REGISTRY)
+
+
+def test_the_comparison_shows_no_line_per_round(tmp_path, caplog):
+    """The tuners' messages (started, resumed, ...) are shown; FATHOM's per-round lines,
+    which python -m studies.fathom prints under a header, are not."""
+    caplog.set_level(logging.DEBUG)
+    assert compare.main([*TINY, "--tuners", "fathom", "--out", str(tmp_path)]) == 0
+    names = {r.name for r in caplog.records if r.levelno >= logging.INFO}
+    assert "fathom_tune.fathom.optimize" in names  # "FATHOM ...: started at round 0 of 10"
+    assert "fathom_tune.rounds" not in names
