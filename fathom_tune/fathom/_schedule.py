@@ -48,7 +48,6 @@ class FathomSchedule:
     """
 
     def __init__(self, study, sampler: FathomSampler, recorded=None):
-        self.study = study
         self.sampler = sampler
         self.recorded = dict(recorded or {})
         self.replay = None
@@ -93,12 +92,9 @@ class FathomSchedule:
             )
         return Outcome(record={"H": h, "G": G, "diverged": not accepted})
 
-    def take(self) -> list[FrozenTrial]:
-        """The queued rounds as trials (the queue starts empty again)."""
-        return self.taker()()
-
-    def taker(self):
-        """The queued rounds, as a function that makes them trials (for the writer's thread)."""
+    def take(self):
+        """The queued rounds (the queue starts empty again), as a function that makes
+        them trials: the writer's thread calls it."""
         taken, self.pending = self.pending, []
         distributions = self.distributions
         return lambda: [r.trial(distributions) for r in taken]

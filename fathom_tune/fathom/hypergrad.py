@@ -287,10 +287,7 @@ class ServerTracker(NamedTuple):
     @classmethod
     def init(cls, params: PyTree, *, alpha: float = 0.5) -> ServerTracker:
         """``m = 0`` shaped like the model ``params``."""
-        alpha = checks.nonnegative_real("alpha", alpha)
-        if not alpha < 1.0:
-            raise ValueError(f"alpha must be in [0, 1), got {alpha!r}")
-        return cls(momentum=jax.tree_util.tree_map(jnp.zeros_like, params), alpha=alpha)
+        return cls(momentum=jax.tree_util.tree_map(jnp.zeros_like, params), alpha=_checked_alpha(alpha))
 
     def update(self, update: PyTree) -> tuple[jax.Array, ServerTracker]:
         """Returns ``(H, tracker)``: ``H`` from the previous ``m``, then ``m`` updated.
@@ -301,6 +298,13 @@ class ServerTracker(NamedTuple):
         """
         h = global_hypergradient(ravel_pytree(self.momentum)[0], ravel_pytree(update)[0])
         return h, self._replace(momentum=update_momentum(self.momentum, update, self.alpha))
+
+
+def _checked_alpha(alpha) -> float:
+    alpha = checks.nonnegative_real("alpha", alpha)
+    if not alpha < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha!r}")
+    return alpha
 
 
 class TrackedState(NamedTuple):
@@ -341,7 +345,7 @@ def track_agreement(inner: optax.GradientTransformation, alpha: float) -> optax.
     """
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(f"inner must be an optax.GradientTransformation, got {type(inner).__name__}")
-    alpha = ServerTracker.init({}, alpha=alpha).alpha  # checked as ServerTracker checks it
+    alpha = _checked_alpha(alpha)
 
     def init(params):
         tracker = ServerTracker.init(params, alpha=alpha)

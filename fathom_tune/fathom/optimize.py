@@ -277,7 +277,7 @@ class _Run:
         last = {"write": time.monotonic(), "done": resume}
 
         def write(done: Progress | None) -> None:
-            trials = schedule.taker()
+            trials = schedule.take()
             if done is not None:  # the rows as they are now, for the writer's thread
                 done = dataclasses.replace(done, rows=tuple(done.rows))
 
@@ -316,7 +316,7 @@ class _Run:
             try:
                 writes.drain()
                 if not last.get("failed"):
-                    self.write(study, schedule.take(), last["done"])
+                    self.write(study, schedule.take()(), last["done"])
             except Exception:  # noqa: BLE001 - the original exception is the one to see
                 _log.exception("FATHOM %s: could not write the rounds queued at the interrupt", self.name)
             raise
