@@ -24,7 +24,6 @@ writes (tests compare the two field by field on every storage kind).
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime
 import json
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ from optuna.distributions import distribution_to_json
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import FrozenTrial
 
-__all__ = ["Writes", "add_trials", "set_study_attrs"]
+__all__ = ["add_trials", "set_study_attrs"]
 
 
 def add_trials(study: optuna.Study, trials: Sequence[FrozenTrial]) -> None:
@@ -220,51 +219,3 @@ def _journal_append(storage: JournalStorage, study_id: int, trials: list[FrozenT
         storage._backend.append_logs(logs)
         storage._sync_with_backend()
 
-
-class Writes:
-    """Runs write jobs in order, on one background thread or inline.
-
-    Storage commits and ``fsync`` wait on the disk with Python's GIL
-    released, so on a thread they overlap the training of the next rounds.
-    At most one job runs at a time; :meth:`busy` tells the caller to keep
-    queueing until it is done. A job's exception is raised in the caller at
-    the next :meth:`submit`, :meth:`busy` or :meth:`drain`.
-
-    Args:
-        threaded: ``False`` runs each job inline in :meth:`submit` (for an
-            in-memory storage, whose writes are pure Python and gain nothing
-            from a thread).
-    """
-
-    def __init__(self, threaded: bool) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, "fathom_tune-writes") if threaded else None
-        self._job: concurrent.futures.Future | None = None
-
-    def busy(self) -> bool:
-        """Whether the last job is still running (re-raises its error once it failed)."""
-        if self._job is None:
-            return False
-        if not self._job.done():
-            return True
-        job, self._job = self._job, None
-        job.result()
-        return False
-
-    def submit(self, job) -> None:
-        """Runs ``job()`` after the previous job (waiting for it to finish first)."""
-        self.drain()
-        if self._pool is None:
-            job()
-        else:
-            self._job = self._pool.submit(job)
-
-    def drain(self) -> None:
-        """Waits for the running job; raises its error."""
-        if self._job is not None:
-            job, self._job = self._job, None
-            job.result()
-
-    def close(self) -> None:
-        """Waits for the running job (without raising) and stops the thread."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)

@@ -13,7 +13,7 @@ from _toy import crash_in_round, flat, toy_task
 from optuna.trial import TrialState
 
 import fathom_tune
-from fathom_tune import Bounds, ClientHParams, HParams, record, tuners
+from fathom_tune import Bounds, ClientHParams, HParams, _one_run, record, tuners
 from fathom_tune.engine import Engine, batch_indices, client_rng
 from fathom_tune.peers import (
     ClientRate,
@@ -561,8 +561,8 @@ def test_a_peer_writes_its_rounds_in_batches_and_flushes_them_on_an_interrupt(tm
     # it); a run stopped in round 4 still writes rounds 0-3 and checkpoints them.
     task = toy_task().replace(num_rounds=6, eval_every=2)
     batches, saves = [], []
-    real_add, real_save = peer_run.add_trials, peer_run.ckpt.save_run
-    monkeypatch.setattr(peer_run, "add_trials", lambda study, trials: (batches.append(len(trials)), real_add(study, trials)))
+    real_add, real_save = _one_run.add_trials, peer_run.ckpt.save_run
+    monkeypatch.setattr(_one_run, "add_trials", lambda study, trials: (batches.append(len(trials)), real_add(study, trials)))
     monkeypatch.setattr(
         peer_run.ckpt, "save_run", lambda path, **kw: (saves.append(len(kw["progress"].rows)), real_save(path, **kw))[1]
     )

@@ -16,8 +16,9 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 import fathom_tune
-from fathom_tune import Bounds, FathomConfig, FathomSampler, HParams, record
-from fathom_tune._batch import Writes, add_trials
+from fathom_tune import Bounds, FathomConfig, FathomSampler, HParams, _one_run, record
+from fathom_tune._batch import add_trials
+from fathom_tune._one_run import Writes
 from fathom_tune.engine import Engine
 from fathom_tune.fathom import LocalAgreement, ServerTracker, local_hypergradient, report_divergence, report_round
 
@@ -125,6 +126,28 @@ def test_writes_run_in_order_and_raise_a_failed_job_in_the_caller():
     with pytest.raises(OSError, match="disk full"):
         writes.drain()
     writes.close()
+
+
+@pytest.mark.parametrize("tuner", ["fathom", "fedex", "fedhyper-gm"])
+def test_every_one_run_tuner_writes_its_batches_off_the_training_thread(tmp_path, monkeypatch, tuner):
+    # One writer for every one-run tuner: on a persistent storage its batches are
+    # written on the writer's thread (overlapping training), in memory inline.
+    threads = []
+    real = _one_run.add_trials
+
+    def spy(study, trials):
+        threads.append(threading.current_thread().name)
+        return real(study, trials)
+
+    monkeypatch.setattr(_one_run, "add_trials", spy)
+    task = toy_task().replace(num_rounds=5, eval_every=2)
+    out = fathom_tune.tuners.get(tuner).run(task, storage=f"sqlite:///{tmp_path}/s.db", checkpoint_dir=tmp_path)
+    assert len(out.study.trials) == 5
+    assert threads and all(name.startswith("fathom_tune-writes") for name in threads), threads
+    threads.clear()
+    out = fathom_tune.tuners.get(tuner).run(task, seed=1)
+    assert len(out.study.trials) == 5
+    assert threads and set(threads) == {threading.main_thread().name}, threads
 
 
 # ------------------------------------------------------- the study FATHOM writes

@@ -15,16 +15,12 @@ import dataclasses
 import functools
 import logging
 import pathlib
-import time
 
 import optax
-import optuna
-from optuna.storages import InMemoryStorage
-from optuna.trial import FrozenTrial, TrialState
 
 from fathom_tune import checkpoint as ckpt
 from fathom_tune import checks, record
-from fathom_tune._batch import Writes, add_trials
+from fathom_tune._one_run import FLUSH_SECONDS, RoundWriter, open_study, refuse_orphan_checkpoint
 from fathom_tune.engine import FEDAVG_SERVER, Engine
 from fathom_tune.fathom._schedule import ROUND_HEADER, FathomSchedule
 from fathom_tune.fathom.hypergrad import (
@@ -46,13 +42,6 @@ TUNER = "fathom"
 CHECKPOINT_KIND = "fathom"
 
 _log = logging.getLogger(__name__)
-def _refuse_orphan_checkpoint(path: pathlib.Path, storage) -> None:
-    if isinstance(storage, str) and storage.startswith("sqlite:///"):
-        if not pathlib.Path(storage[len("sqlite:///") :]).is_file():
-            raise ckpt.CheckpointError(
-                f"checkpoint {str(path)!r} exists but storage={storage!r} does not: "
-                "resume with the storage the run was started with"
-            )
 
 
 def optimize(
@@ -66,7 +55,7 @@ def optimize(
     study_name: str | None = None,
     checkpoint=None,
     checkpoint_every: int | None = None,
-    flush_seconds: float = 1.0,
+    flush_seconds: float = FLUSH_SECONDS,
     progress: bool = False,
     tuner: str = TUNER,
     **engine_kwargs,
@@ -157,7 +146,7 @@ def optimize(
     run_ = _Run(task, engine, config, num_rounds, eval_every, name, path, every, tuner, flush_seconds)
     if path is not None and path.exists():  # refuse a bad checkpoint before anything is written
         run_.load()
-        _refuse_orphan_checkpoint(path, storage)
+        refuse_orphan_checkpoint(path, storage)
     opened = open_storage(storage)
     if path is None:
         return run_(opened, progress)
@@ -188,24 +177,18 @@ class _Run:
             self.engine, study=self.name, num_rounds=self.num_rounds, eval_every=self.eval_every, config=config
         )
 
-    def write(self, study: optuna.Study, trials: list[FrozenTrial], done: Progress | None) -> None:
-        """Writes ``trials`` (one transaction), then checkpoints ``done``: the checkpoint is
-        never ahead of the storage (a study ahead of it is replayed on resume).
-
-        The checkpoint holds the server optimizer's own state, and FATHOM's ``m``
+    def save(self, done: Progress, _extra=None) -> None:
+        """Checkpoints ``done``: the server optimizer's own state, and FATHOM's ``m``
         apart (``momentum``), not the :func:`track_agreement` state around them:
-        the layout is the same whatever server optimizer FATHOM wraps.
-        """
-        add_trials(study, trials)
-        if self.path is not None and done is not None:
-            tracked: TrackedState = done.state.opt_state
-            ckpt.save_run(
-                self.path,
-                kind=CHECKPOINT_KIND,
-                fingerprint=self.fingerprint,
-                progress=dataclasses.replace(done, state=dataclasses.replace(done.state, opt_state=tracked.inner)),
-                trees={"momentum": tracked.momentum},
-            )
+        the layout is the same whatever server optimizer FATHOM wraps."""
+        tracked: TrackedState = done.state.opt_state
+        ckpt.save_run(
+            self.path,
+            kind=CHECKPOINT_KIND,
+            fingerprint=self.fingerprint,
+            progress=dataclasses.replace(done, state=dataclasses.replace(done.state, opt_state=tracked.inner)),
+            trees={"momentum": tracked.momentum},
+        )
 
     def load(self) -> Progress:
         state = self.engine.init()
@@ -221,46 +204,22 @@ class _Run:
         tracked = fresh._replace(inner=restored.opt_state, momentum=trees["momentum"])
         return dataclasses.replace(progress, state=dataclasses.replace(restored, opt_state=tracked))
 
-    def open_study(self, opened) -> tuple[optuna.Study, Progress | None]:
-        resume = None
-        if self.path is not None and self.path.exists():
-            resume = self.load()
-        existing = {}
-        if opened is not None:
-            existing = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(opened)}
-        if resume is None and existing.get(self.name):
-            raise ValueError(
-                f"study_name={self.name!r} already holds {existing[self.name]} rounds in this "
-                "storage; a FATHOM run cannot continue without its model: choose another "
-                "study_name or storage, or pass the checkpoint= of the run that wrote it"
-            )
-        if resume is not None and self.name not in existing:
-            raise ckpt.CheckpointError(
-                f"checkpoint {str(self.path)!r} is at round {resume.state.round} but the storage "
-                f"holds no study {self.name!r}; resume with the storage the run was started with"
-            )
+    def __call__(self, opened, progress: bool) -> TuningResult:
+        resume = self.load() if self.path is not None and self.path.exists() else None
         config = self.config
         sampler = FathomSampler(init=config.init, bounds=config.bounds, config=config, seed=self.engine.seed)
-        study = optuna.create_study(
-            storage=opened, study_name=self.name, sampler=sampler, direction="minimize", load_if_exists=True
-        )
-        record.write_header(
-            study,
-            task=self.task.name,
+        study, recorded = open_study(
+            opened,
+            name=self.name,
+            resume=resume,
+            path=self.path,
+            task=self.task,
             tuner=self.tuner,
             seed=self.engine.seed,
-            unit="round",
-            target=self.task.target,
-            rounds_per_run=self.num_rounds,
-            budget_rounds=self.num_rounds,
+            num_rounds=self.num_rounds,
             config=config.settings(),
-            objective="train_loss",  # each round's trial holds its training loss
+            sampler=sampler,
         )
-        return study, resume
-
-    def __call__(self, opened, progress: bool) -> TuningResult:
-        study, resume = self.open_study(opened)
-        recorded = {} if resume is None else _reconcile(study, resume, self.path)
         _log.info(
             "FATHOM %s: %s at round %d of %d",
             self.name,
@@ -268,60 +227,26 @@ class _Run:
             0 if resume is None else resume.state.round,
             self.num_rounds,
         )
-        sampler = study.sampler
         schedule = FathomSchedule(study, sampler, recorded)
-
-        # Rounds and checkpoints are written by one background job at a time, so a
-        # commit's or an fsync's wait overlaps the next rounds' training.
-        writes = Writes(threaded=self.path is not None or not isinstance(study._storage, InMemoryStorage))
-        last = {"write": time.monotonic(), "done": resume}
-
-        def write(done: Progress | None) -> None:
-            trials = schedule.take()
-            if done is not None:  # the rows as they are now, for the writer's thread
-                done = dataclasses.replace(done, rows=tuple(done.rows))
-
-            def job() -> None:
-                try:
-                    self.write(study, trials(), done)
-                except BaseException:
-                    last["failed"] = True  # its rounds are lost: no later checkpoint may pass them
-                    raise
-
-            writes.submit(job)
-            last["write"] = time.monotonic()
-
-        def on_round(done: Progress) -> None:
-            rounds = len(done.rows)
-            last["done"] = done
-            if rounds == self.num_rounds or (self.every is not None and rounds % self.every == 0):
-                write(done)
-            elif time.monotonic() - last["write"] >= self.flush_seconds and not writes.busy():
-                write(done)
-
-        try:
+        save = None if self.path is None else self.save
+        with RoundWriter(
+            study,
+            schedule,
+            save,
+            num_rounds=self.num_rounds,
+            flush_seconds=self.flush_seconds,
+            every=self.every,
+            label=f"FATHOM {self.name}",
+        ) as writer:
             out = run(
                 self.engine,
                 schedule,
                 num_rounds=self.num_rounds,
                 eval_every=self.eval_every,
                 resume=resume,
-                on_round=on_round,
+                on_round=writer.on_round,
                 progress="FATHOM " + self.task.name if progress else False,
             )
-            if schedule.pending:  # stopped before the last round
-                write(last["done"])
-            writes.drain()
-        except BaseException:  # an interrupt, a kill signal turned exception, an error
-            try:
-                writes.drain()
-                if not last.get("failed"):
-                    self.write(study, schedule.take()(), last["done"])
-            except Exception:  # noqa: BLE001 - the original exception is the one to see
-                _log.exception("FATHOM %s: could not write the rounds queued at the interrupt", self.name)
-            raise
-        finally:
-            writes.close()
         test_metrics = self.engine.evaluate(out.params, "test")
         hparams = schedule.next
         record.write_outcome(
@@ -332,15 +257,3 @@ class _Run:
         return TuningResult.of_run(
             out, self.task, study=study, hparams=hparams, test_metrics=test_metrics, history=history
         )
-
-
-def _reconcile(study: optuna.Study, resume: Progress, path) -> dict:
-    """Fails the rounds a killed run left RUNNING; returns the finished rounds past the checkpoint.
-
-    The caller holds the checkpoint's lock, so no other process is running
-    this study's rounds: a RUNNING trial is stale.
-    """
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        record.mark_stale(study, trial)
-    done = len(resume.rows)
-    return {r: t for r, t in record.finished_rounds(study, done, path).items() if r >= done}

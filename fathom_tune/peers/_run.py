@@ -14,15 +14,12 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
-import time
 
-import optuna
-
+from fathom_tune import _one_run, checks, record
 from fathom_tune import checkpoint as ckpt
-from fathom_tune import checks, record
-from fathom_tune._batch import add_trials
 from fathom_tune.engine import Engine, RoundResult
 from fathom_tune.hparams import ClientHParams, HParams
 from fathom_tune.loop import Outcome, Progress, run
@@ -34,10 +31,11 @@ __all__ = ["FLUSH_SECONDS", "OneRunTuner", "PeerSchedule", "run_peer"]
 
 _log = logging.getLogger(__name__)
 
-FLUSH_SECONDS = 1.0
+FLUSH_SECONDS = _one_run.FLUSH_SECONDS
 """Rounds are written to the storage in batches, one transaction per batch (then the
 checkpoint): after the first round that ends at least this long after the last
-write, at the end of the run, and on an interrupt or error."""
+write, at the end of the run, and on an interrupt or error
+(:class:`fathom_tune._one_run.RoundWriter`)."""
 
 
 class PeerSchedule(abc.ABC):
@@ -64,7 +62,10 @@ class PeerSchedule(abc.ABC):
 
     @abc.abstractmethod
     def trees(self) -> dict:
-        """The state as named pytrees of arrays (fixed shapes: they are the checkpoint's templates)."""
+        """The state as named pytrees of arrays (fixed shapes: they are the checkpoint's templates).
+
+        The arrays returned are not changed in place afterwards: a checkpoint
+        may be written from them while the next rounds run."""
 
     @abc.abstractmethod
     def restore(self, trees: dict) -> None:
@@ -74,8 +75,8 @@ class PeerSchedule(abc.ABC):
 class _Recorded:
     """The loop's schedule around a peer: one trial per round, through the run record.
 
-    Rounds are queued as trial templates (:func:`fathom_tune.record.round_trial`)
-    in ``pending`` until the run writes a batch (:meth:`take`).
+    Rounds are queued in ``pending`` until the run writes a batch (:meth:`take`);
+    they become trial templates (:func:`fathom_tune.record.round_trial`) with the write.
     """
 
     def __init__(self, study, schedule: PeerSchedule, bounds, recorded):
@@ -85,10 +86,11 @@ class _Recorded:
         self.recorded = dict(recorded)
         self.pending: list = []
 
-    def take(self) -> list:
-        """The queued rounds (the queue starts empty again)."""
+    def take(self):
+        """The queued rounds (the queue starts empty again), as a function that makes
+        them trials: the writer's thread calls it."""
         taken, self.pending = self.pending, []
-        return taken
+        return lambda: [make() for make in taken]
 
     def propose(self, round_index: int):
         return self.schedule.propose(round_index)
@@ -98,7 +100,8 @@ class _Recorded:
         replay = self.recorded.pop(result.round, None)
         if replay is None:
             evals = [] if metrics is None else [record.evaluation(1, result.cost.examples, metrics)]
-            self.pending.append(record.round_trial(
+            self.pending.append(functools.partial(
+                record.round_trial,
                 round_index=result.round,
                 hparams=result.hparams,
                 bounds=self.bounds,
@@ -169,82 +172,44 @@ def run_peer(
             path, kind=kind, fingerprint=fingerprint, state=engine.init(), templates=schedule.trees()
         )
         schedule.restore(trees)
+        _one_run.refuse_orphan_checkpoint(path, storage)
     opened = open_storage(storage)
     with ckpt.exclusive(path) if path is not None else contextlib.nullcontext():
-        existing = {}
-        if opened is not None:
-            existing = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(opened)}
-        if resume is None and existing.get(name):
-            raise ValueError(
-                f"study_name={name!r} already holds {existing[name]} rounds in this storage; a run "
-                "cannot continue without its model: choose another study_name or storage, or pass "
-                "the checkpoint= of the run that wrote it"
-            )
-        if resume is not None and name not in existing:
-            raise ckpt.CheckpointError(
-                f"checkpoint {str(path)!r} is at round {resume.state.round} but the storage holds no "
-                f"study {name!r}; resume with the storage the run was started with"
-            )
-        study = optuna.create_study(storage=opened, study_name=name, direction="minimize", load_if_exists=True)
-        record.write_header(
-            study,
-            task=task.name,
+        study, recorded = _one_run.open_study(
+            opened,
+            name=name,
+            resume=resume,
+            path=path,
+            task=task,
             tuner=tuner,
             seed=engine.seed,
-            unit="round",
-            target=task.target,
-            rounds_per_run=num_rounds,
-            budget_rounds=num_rounds,
+            num_rounds=num_rounds,
             config=config,
-            objective="train_loss",  # each round's trial holds its training loss
+            header=header,
         )
-        record.set_study_attrs(
-            study, {k: v for k, v in (header or {}).items() if study.user_attrs.get(k) != v}
-        )
-        recorded = {}
-        if resume is not None:
-            done = len(resume.rows)
-            recorded = {r: t for r, t in record.finished_rounds(study, done, path).items() if r >= done}
         looped = _Recorded(study, schedule, task.bounds, recorded)
-        last = {"write": time.monotonic(), "done": None, "trees": None}
 
-        def write() -> None:
-            """The queued rounds in one transaction, then the checkpoint: never ahead of the storage."""
-            trials = looped.take()
-            try:
-                if trials:
-                    add_trials(study, trials)
-            except BaseException:
-                last["failed"] = True  # its rounds are lost: no later checkpoint may pass them
-                raise
-            if path is not None and last["done"] is not None and last.get("saved") is not last["done"]:
-                ckpt.save_run(path, kind=kind, fingerprint=fingerprint, progress=last["done"], trees=last["trees"])
-                last["saved"] = last["done"]
-            last["write"] = time.monotonic()
+        def save(done: Progress, trees: dict) -> None:
+            ckpt.save_run(path, kind=kind, fingerprint=fingerprint, progress=done, trees=trees)
 
-        def on_round(done: Progress) -> None:
-            last["done"], last["trees"] = done, schedule.trees()
-            if len(done.rows) == num_rounds or time.monotonic() - last["write"] >= FLUSH_SECONDS:
-                write()
-
-        try:
+        with _one_run.RoundWriter(
+            study,
+            looped,
+            None if path is None else save,
+            num_rounds=num_rounds,
+            flush_seconds=FLUSH_SECONDS,
+            extra=schedule.trees,
+            label=f"{tuner} {task.name}",
+        ) as writer:
             out = run(
                 engine,
                 looped,
                 num_rounds=num_rounds,
                 eval_every=eval_every,
                 resume=resume,
-                on_round=on_round,
+                on_round=writer.on_round,
                 progress=f"{tuner} {task.name}" if progress else False,
             )
-            write()  # what is still queued (nothing, when the last round just wrote)
-        except BaseException:  # an interrupt, a kill signal turned exception, an error
-            try:
-                if not last.get("failed"):
-                    write()
-            except Exception:  # noqa: BLE001 - the original exception is the one to see
-                _log.exception("%s %s: could not write the rounds queued at the interrupt", tuner, task.name)
-            raise
         test_metrics = engine.evaluate(out.params, "test")
         hparams = schedule.returned()
         record.write_outcome(study, hparams=hparams, validation=out.final_metrics, test=test_metrics, ledger=out.cost)
