@@ -443,6 +443,11 @@ class Engine(_RoundPaths):
         new_params, opt_state, u, pending = run(
             state, blocks, sampled, steps, b_ints, etas, weights_all, stat0, validate
         )
+        # The server optimizer's scalars (a step count, FATHOM's H) are copied to the
+        # host while the round computes: a schedule that reads one does not wait then.
+        for leaf in jax.tree_util.tree_leaves(opt_state):
+            if getattr(leaf, "ndim", None) == 0 and hasattr(leaf, "copy_to_host_async"):
+                leaf.copy_to_host_async()
         if run == self._resident_blocks:
             self._draw_ahead(rnd + 1)
         held = self._held_sizes[sampled]

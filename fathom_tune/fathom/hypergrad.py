@@ -155,7 +155,7 @@ def local_hypergradient(phis, num_examples) -> float:
             f"local_hypergradient: phis {phis.shape} and num_examples {weights.shape} "
             "must be 1-D and of the same length"
         )
-    return float(np.clip(np.dot(weights, phis) / np.sum(weights), -1.0, 1.0))
+    return min(max(float(np.dot(weights, phis) / np.sum(weights)), -1.0), 1.0)
 
 
 def global_hypergradient(momentum: PyTree, update: PyTree) -> jax.Array:

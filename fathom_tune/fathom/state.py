@@ -114,6 +114,12 @@ def _box(config: FathomConfig) -> tuple[np.ndarray, ...]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _scalars(config: FathomConfig) -> tuple[tuple[float, ...], ...]:
+    """:func:`_box` as tuples of Python floats."""
+    return tuple(tuple(a.tolist()) for a in _box(config))
+
+
 def next_hparams(used: HParams, H: float, G: float, config: FathomConfig) -> HParams:
     """The next round's hyperparameters: :func:`egn_step` from those ``used``, exactly.
 
@@ -133,19 +139,26 @@ def next_hparams(used: HParams, H: float, G: float, config: FathomConfig) -> HPa
         >>> next_hparams(HParams(0.1, 3.0, 20.0), 0.5, 0.2, cfg).local_epochs
         3.0
     """
-    gamma, lower, upper, log_lower, log_upper = _box(config)
-    p = _step(log_hparams(used), _finite("H", H), _finite("G", G), gamma, log_lower, log_upper)
-    values = {}
-    for i, name in enumerate(NAMES):
+    gamma, lower, upper, log_lower, log_upper = _scalars(config)
+    H, G = _finite("H", H), _finite("G", G)
+    used = [getattr(used, n) for n in NAMES]
+    # _step element by element, in Python floats: the same IEEE operations (a product,
+    # a sum, a clip) as NumPy's, without its per-call cost on three numbers.
+    p = np.log(used).tolist()
+    moves = (H, H + G, -G)
+    values = []
+    for i in range(3):
         if gamma[i] == 0.0:
-            values[name] = min(max(getattr(used, name), lower[i]), upper[i])
-        elif p[i] <= log_lower[i]:
-            values[name] = float(lower[i])
-        elif p[i] >= log_upper[i]:
-            values[name] = float(upper[i])
+            values.append(min(max(used[i], lower[i]), upper[i]))
+            continue
+        q = min(max(p[i] + gamma[i] * moves[i], log_lower[i]), log_upper[i])
+        if q <= log_lower[i]:
+            values.append(lower[i])
+        elif q >= log_upper[i]:
+            values.append(upper[i])
         else:
-            values[name] = min(max(float(np.exp(p[i])), lower[i]), upper[i])
-    return HParams(**{n: float(v) for n, v in values.items()})
+            values.append(min(max(float(np.exp(q)), lower[i]), upper[i]))
+    return HParams(*values)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

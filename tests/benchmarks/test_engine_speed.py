@@ -143,13 +143,19 @@ REPEATS = int(os.environ.get("ENGINE_BENCH_REPEATS", "3"))
 
 
 def interleaved(fns: dict, repeats: int = REPEATS) -> dict:
-    """Median seconds of each closure, run in turn ``repeats`` times (drift hits all alike)."""
+    """Median seconds of each closure, run in turn ``repeats`` times (drift hits all alike).
+
+    The order rotates each repetition, so no case always runs right after the same
+    other case (whatever one leaves behind, in caches or in the machine's state,
+    falls on each case in turn)."""
     import statistics
     import time
 
     times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            fn = fns[k]
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
