@@ -44,7 +44,7 @@ from fathom_tune.fathom.hypergrad import (
     safe_cosine,
     update_momentum,
 )
-from fathom_tune.fathom.state import FathomConfig, egn_step, hparams_from_log, log_hparams
+from fathom_tune.fathom.state import FathomConfig, egn_step, hparams_from_log, log_hparams, next_hparams
 from fathom_tune.hparams import NAMES, Bounds, HParams
 
 
@@ -308,6 +308,32 @@ def test_egn_steps_never_leave_the_bounds(b_and_init, hgs, rates, alpha, far):
     # from a p outside the bounds, too
     q = egn_step(p + far, 0.0, 0.0, config.gamma, lower, upper)
     assert np.all((log_lo <= q) & (q <= log_hi))
+
+
+@given(bounds_and_inside(), st.lists(st.tuples(UNIT, UNIT), min_size=1, max_size=6), st.tuples(RATE, RATE, RATE))
+def test_next_hparams_is_numpys_egn_step_bit_for_bit(b_and_init, hgs, rates):
+    # next_hparams takes the step on Python floats; NumPy's egn_step is the reference:
+    # exp of its p, the bound itself where p is on a bound, the used value where gamma is 0.
+    bounds, used = b_and_init
+    config = FathomConfig(
+        init=used, bounds=bounds, gamma_local_epochs=rates[0], gamma_learning_rate=rates[1], gamma_batch_size=rates[2]
+    )
+    lower, upper = egn_vectors(bounds)
+    for H, G in hgs:
+        q = egn_step(log_hparams(used), H, G, config.gamma, lower, upper)
+        want = []
+        for i, name in enumerate(NAMES):
+            if config.gamma[i] == 0.0:
+                want.append(min(max(getattr(used, name), lower[i]), upper[i]))
+            elif q[i] <= np.log(lower[i]):
+                want.append(lower[i])
+            elif q[i] >= np.log(upper[i]):
+                want.append(upper[i])
+            else:
+                want.append(min(max(float(np.exp(q[i])), lower[i]), upper[i]))
+        got = next_hparams(used, H, G, config)
+        assert [getattr(got, n) for n in NAMES] == want
+        used = got
 
 
 # ------------------------------------------------------------------------ 3. zeros never give NaN
