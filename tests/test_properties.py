@@ -312,7 +312,7 @@ def test_egn_steps_never_leave_the_bounds(b_and_init, hgs, rates, alpha, far):
 
 @given(bounds_and_inside(), st.lists(st.tuples(UNIT, UNIT), min_size=1, max_size=6), st.tuples(RATE, RATE, RATE))
 def test_next_hparams_is_numpys_egn_step_bit_for_bit(b_and_init, hgs, rates):
-    # next_hparams takes the step on Python floats; NumPy's egn_step is the reference:
+    # next_hparams is egn_step (checked against NumPy arrays above) made hyperparameters:
     # exp of its p, the bound itself where p is on a bound, the used value where gamma is 0.
     bounds, used = b_and_init
     config = FathomConfig(

@@ -93,31 +93,26 @@ def egn_step(p, H: float, G: float, gamma, lower, upper) -> np.ndarray:
             f"need 0 < lower <= upper, got lower={lower.tolist()}, upper={upper.tolist()}"
         )
     H, G = _finite("H", H), _finite("G", G)
-    return _step(p, H, G, gamma, np.log(lower), np.log(upper))
+    return np.array(_step(p.tolist(), H, G, gamma.tolist(), np.log(lower).tolist(), np.log(upper).tolist()))
 
 
-def _step(p: np.ndarray, H: float, G: float, gamma: np.ndarray, log_lower, log_upper) -> np.ndarray:
-    """:func:`egn_step` on checked arguments, the bounds already in log space."""
-    return np.clip(p + gamma * np.array([H, H + G, -G]), log_lower, log_upper)
+def _step(p, H: float, G: float, gamma, log_lower, log_upper) -> list[float]:
+    """:func:`egn_step` on checked arguments (sequences of three Python floats), the bounds
+    already in log space. Element by element: the IEEE operations NumPy's arrays would do
+    (a product, a sum, a clip), without NumPy's per-call cost on three numbers."""
+    moves = (H, H + G, -G)
+    return [min(max(p[i] + gamma[i] * moves[i], log_lower[i]), log_upper[i]) for i in range(3)]
 
 
 @functools.lru_cache(maxsize=64)
-def _box(config: FathomConfig) -> tuple[np.ndarray, ...]:
-    """``config``'s gamma, bounds and log bounds as arrays (built once per config: a
-    run's every round uses them)."""
+def _box(config: FathomConfig) -> tuple[tuple[float, ...], ...]:
+    """``config``'s gamma, bounds and log bounds as Python floats (built once per config:
+    a run's every round uses them)."""
     bounds = config.bounds
     lower = np.array([getattr(bounds.lower, n) for n in NAMES])
     upper = np.array([getattr(bounds.upper, n) for n in NAMES])
-    out = (_vector3("gamma", config.gamma), lower, upper, np.log(lower), np.log(upper))
-    for a in out:
-        a.setflags(write=False)
-    return out
-
-
-@functools.lru_cache(maxsize=64)
-def _scalars(config: FathomConfig) -> tuple[tuple[float, ...], ...]:
-    """:func:`_box` as tuples of Python floats."""
-    return tuple(tuple(a.tolist()) for a in _box(config))
+    arrays = (_vector3("gamma", config.gamma), lower, upper, np.log(lower), np.log(upper))
+    return tuple(tuple(a.tolist()) for a in arrays)
 
 
 def next_hparams(used: HParams, H: float, G: float, config: FathomConfig) -> HParams:
@@ -139,20 +134,14 @@ def next_hparams(used: HParams, H: float, G: float, config: FathomConfig) -> HPa
         >>> next_hparams(HParams(0.1, 3.0, 20.0), 0.5, 0.2, cfg).local_epochs
         3.0
     """
-    gamma, lower, upper, log_lower, log_upper = _scalars(config)
-    H, G = _finite("H", H), _finite("G", G)
+    gamma, lower, upper, log_lower, log_upper = _box(config)
     used = [getattr(used, n) for n in NAMES]
-    # _step element by element, in Python floats: the same IEEE operations (a product,
-    # a sum, a clip) as NumPy's, without its per-call cost on three numbers.
-    p = np.log(used).tolist()
-    moves = (H, H + G, -G)
+    p = _step(np.log(used).tolist(), _finite("H", H), _finite("G", G), gamma, log_lower, log_upper)
     values = []
-    for i in range(3):
+    for i, q in enumerate(p):
         if gamma[i] == 0.0:
             values.append(min(max(used[i], lower[i]), upper[i]))
-            continue
-        q = min(max(p[i] + gamma[i] * moves[i], log_lower[i]), log_upper[i])
-        if q <= log_lower[i]:
+        elif q <= log_lower[i]:
             values.append(lower[i])
         elif q >= log_upper[i]:
             values.append(upper[i])
