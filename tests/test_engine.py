@@ -1,5 +1,6 @@
 import dataclasses
 import math
+import re
 
 import _toy
 import fedjax
@@ -13,6 +14,7 @@ from _toy import flat, mlp_model, toy_task
 
 import fathom_tune.fathom.hypergrad
 from fathom_tune import HParams
+from fathom_tune._programs import _YNN_WITHOUT_CONVOLUTIONS, compiler_options, cpu_compiler_options
 from fathom_tune.fathom import LocalAgreement, local_hypergradient
 from fathom_tune.engine import (
     Cost,
@@ -42,7 +44,7 @@ def test_full_batch_round_matches_independent_gradient_descent():
     x0 = state.params
 
     def loss(p, batch):
-        return jnp.mean(model.train_loss(batch, model.apply_for_train(p, batch, None)))
+        return jnp.mean(model.train_loss(batch, model.apply_for_train(p, batch, jax.random.PRNGKey(1))))
 
     deltas, phis, losses = [], [], []
     for cid in res.client_ids:
@@ -83,7 +85,7 @@ def test_unequal_clients_linear_loss_one_epoch_matches_closed_form():
     model = task.model
 
     def summed(p, batch):
-        return jnp.sum(model.train_loss(batch, model.apply_for_train(p, batch, None)))
+        return jnp.sum(model.train_loss(batch, model.apply_for_train(p, batch, jax.random.PRNGKey(1))))
 
     n = np.array([task.train.client_size(c) for c in res.client_ids])
     deltas = []
@@ -339,3 +341,68 @@ def test_cpu_trains_long_unrolled_models_one_client_at_a_time():
     assert (long.client_block, long.steps_per_call) == (1, 1)
     # An explicit choice is kept.
     assert Engine(toy_task(model=_unrolled_model(100)), client_block=2).client_block == 2
+
+
+def _ynn_convolutions(hlo_text: str) -> int:
+    """Convolutions that the compiled ``hlo_text`` hands to YNNPACK (its ``__ynn_fusion``s)."""
+    bodies = dict(re.findall(r"\n(%[\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.S))
+    called = re.findall(r"calls=(%[\w.\-]+), backend_config=\{\"fusion_config\":\{\"kind\":\"__ynn_fusion\"", hlo_text)
+    return sum("convolution(" in bodies.get(name, "") for name in called)
+
+
+def _conv_task():
+    rng = np.random.default_rng(0)
+    data = fedjax.InMemoryFederatedData(
+        {
+            b"a": {"x": rng.random((6, 28, 28, 1), dtype=np.float32), "y": rng.integers(0, 62, 6).astype(np.int32)},
+            b"b": {"x": rng.random((5, 28, 28, 1), dtype=np.float32), "y": rng.integers(0, 62, 5).astype(np.int32)},
+        }
+    )
+    model = fedjax.models.emnist.create_conv_model(only_digits=False)
+    return toy_task(model=model, train=data, validation=data, test=data, clients_per_round=2)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the options are for XLA:CPU")
+def test_cpu_programs_compile_convolutions_without_ynnpack(monkeypatch):
+    if not cpu_compiler_options():
+        pytest.skip("this jaxlib has no YNNPACK fusion option")
+    task = _conv_task()
+    engine = Engine(task, seed=0)
+    progs = engine._programs
+    calls, local_steps = [], progs.local_steps
+    monkeypatch.setattr(progs, "local_steps", lambda *a: calls.append(a) or local_steps(*a))
+    engine.run_round(engine.init(), HParams(0.1, 1.0, 4.0))
+    engine_text = local_steps.lower(*calls[0]).compile().as_text()
+
+    model, batch = task.model, task.train.get_client(b"a").all_examples()
+
+    def sgd_step(params):
+        grad = jax.grad(lambda p: jnp.mean(model.train_loss(batch, model.apply_for_train(p, batch, jax.random.PRNGKey(1)))))(params)
+        return jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grad)
+
+    params = model.init(jax.random.PRNGKey(0))
+    default_text = jax.jit(sgd_step).lower(params).compile().as_text()
+    # What the option is for: by default XLA:CPU gives this model's convolutions to YNNPACK.
+    assert _ynn_convolutions(default_text) >= 1, "XLA:CPU no longer uses YNNPACK for convolutions"
+    assert engine_text.count("convolution(") >= 4  # forward and backward, XLA's own
+    assert _ynn_convolutions(engine_text) == 0
+    # The same step either way, to float32 rounding.
+    with_options = jax.jit(sgd_step, compiler_options=compiler_options(jax.local_devices()))
+    for a, b in zip(jax.tree_util.tree_leaves(with_options(params)), jax.tree_util.tree_leaves(jax.jit(sgd_step)(params))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiler_options_leave_gpus_and_the_users_xla_flags_alone(monkeypatch):
+    class Gpu:
+        platform = "gpu"
+
+    assert compiler_options([Gpu()]) is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    cpu_compiler_options.cache_clear()
+    try:
+        assert cpu_compiler_options() == ()
+        assert compiler_options(jax.local_devices(backend="cpu")) is None
+    finally:
+        monkeypatch.undo()
+        cpu_compiler_options.cache_clear()
+    assert dict(cpu_compiler_options()) in ({}, {"xla_cpu_experimental_ynn_fusion_type": _YNN_WITHOUT_CONVOLUTIONS})

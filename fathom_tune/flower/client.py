@@ -55,6 +55,7 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
 from fathom_tune import checks
+from fathom_tune._programs import compiler_options
 from fathom_tune.fathom import ClientTracker
 from fathom_tune.flower import protocol
 from fathom_tune.engine import batch_indices, client_rng
@@ -218,7 +219,8 @@ class LocalSGD:
         self.grad_fn = grad_fn
         self.jit = checks.boolean("jit", jit)
         step = functools.partial(_step, grad_fn)
-        self._step = jax.jit(step) if self.jit else step
+        options = compiler_options(jax.local_devices())  # the engine's (convolutions without YNNPACK)
+        self._step = jax.jit(step, compiler_options=options) if self.jit else step
 
     def __call__(
         self,

@@ -6,6 +6,7 @@ Each pair of benchmarks shares a group; BENCHMARKS.md reports the ratio of
 the means (FedJAX / engine; above 1 means the engine is faster).
 """
 
+import functools
 import os
 
 import fedjax
@@ -16,6 +17,7 @@ from fedjax.algorithms import fed_avg
 
 import fathom_tune
 from fathom_tune import Bounds, HParams, Target, Task
+from fathom_tune._programs import compiler_options as engine_compiler_options
 from fathom_tune.engine import Engine, bucket_size
 
 ROUNDS = 5
@@ -162,9 +164,12 @@ def interleaved(fns: dict, repeats: int = REPEATS) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def plain_sgd_floor(task, hparams, steps: int):
+def plain_sgd_floor(task, hparams, steps: int, compiler_options=None):
     """A closure running ``steps`` plain jitted SGD steps of the model at batch size B:
-    no masks, no statistic, no padding (the compute floor of a round with that many steps)."""
+    no masks, no statistic, no padding (the compute floor of a round with that many steps).
+
+    ``compiler_options`` as for ``jax.jit``: the engine's (the floor of the same
+    compiled code) or None (XLA's defaults, as FedJAX's ``fed_avg`` compiles)."""
     model = task.model
     b = hparams.batch_int
     cid = next(iter(task.train.client_ids()))
@@ -172,7 +177,7 @@ def plain_sgd_floor(task, hparams, steps: int):
     batch = {k: jax.numpy.asarray(np.resize(v, (b,) + v.shape[1:])) for k, v in ex.items()}
     eta = hparams.learning_rate
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options)
     def step(params, key):
         def loss(p):
             return jax.numpy.mean(model.train_loss(batch, model.apply_for_train(p, batch, key)))
@@ -209,7 +214,8 @@ def test_conv_round_against_compute_floor(benchmark, b):
         "fedjax": fedjax_round(task, hp),
         "engine": engine_round(task, hp),
         "engine_phi": engine_round(task, hp, client_statistic=LocalAgreement()),
-        "floor": plain_sgd_floor(task, hp, steps),
+        "floor": plain_sgd_floor(task, hp, steps, engine_compiler_options(jax.local_devices()[:1])),
+        "floor_xla_defaults": plain_sgd_floor(task, hp, steps),
     }
     for fn in fns.values():
         fn()  # compile
@@ -222,6 +228,7 @@ def test_conv_round_against_compute_floor(benchmark, b):
         engine_over_floor=med["engine"] / med["floor"],
         engine_phi_over_floor=med["engine_phi"] / med["floor"],
         fedjax_over_engine=med["fedjax"] / med["engine"],
+        floor_xla_defaults_over_floor=med["floor_xla_defaults"] / med["floor"],
         backend=jax.default_backend(),
     )
     benchmark.group = "conv round vs compute floor"
