@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import operator
-import os
 from typing import Any, Protocol
 
 import fedjax
@@ -20,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
+
+from fathom_tune._xla_options import compiler_options
 
 
 class ClientStatistic(Protocol):
@@ -102,44 +103,6 @@ def describe_optimizer(optimizer: optax.GradientTransformation, params) -> str:
     values = np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in jax.tree_util.tree_leaves(x)])
     text = ",".join(f"{v:.9g}" for v in values).encode()
     return "probe-sha256:" + hashlib.sha256(text).hexdigest()[:16]
-
-
-# YNNPACK fusion kinds XLA:CPU uses by default, less its convolutions (see
-# :func:`cpu_compiler_options`).
-_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
-_YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_compiler_options() -> tuple[tuple[str, str], ...]:
-    """XLA:CPU options of the engine's programs: convolutions without YNNPACK.
-
-    XLA:CPU (jaxlib 0.10) hands convolutions, dots and reductions to YNNPACK
-    by default. On the 2-core x86 machine of ``BENCHMARKS.md`` a YNNPACK
-    convolution step of FedJAX's EMNIST conv model took 1.8-4x as long as
-    XLA's own (B = 8 ... 64), so the engine compiles its programs with
-    YNNPACK's dots and reductions only. Models without convolutions compile
-    to the same program either way.
-
-    Empty (XLA's defaults) where this jaxlib does not know the option, or
-    where ``XLA_FLAGS`` already sets it: the user's choice wins.
-    """
-    if _YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
-        return ()
-    options = ((_YNN_OPTION, _YNN_WITHOUT_CONVOLUTIONS),)
-    try:
-        probe = jax.jit(lambda x: x + 1.0, compiler_options=dict(options))
-        probe.lower(jax.ShapeDtypeStruct((), jnp.float32)).compile()
-    except Exception:  # an older or newer jaxlib without this option or its values
-        return ()
-    return options
-
-
-def compiler_options(devices) -> dict[str, str] | None:
-    """The options the engine compiles with on ``devices`` (None: XLA's defaults)."""
-    if not all(d.platform == "cpu" for d in devices):
-        return None
-    return dict(cpu_compiler_options()) or None
 
 
 class _Programs:

@@ -40,7 +40,7 @@ How it is fast with bounded compilation:
   client per device, their batches gathered on the host per chunk of steps:
   a compiled loop around a convolution step was measured many times slower.
   On XLA:CPU every program compiles its convolutions with XLA's own emitter,
-  not YNNPACK (``_programs.cpu_compiler_options``: 1.8-4x faster steps on the
+  not YNNPACK (``_xla_options.cpu_compiler_options``: 1.8-4x faster steps on the
   EMNIST conv model); ``XLA_FLAGS`` naming the option overrides this.
 * Every local device: the clients of a block are split over a mesh of all
   local devices (``devices=``; ``jax.shard_map`` over a ``"clients"`` axis)

@@ -14,7 +14,7 @@ from _toy import flat, mlp_model, toy_task
 
 import fathom_tune.fathom.hypergrad
 from fathom_tune import HParams
-from fathom_tune._programs import _YNN_WITHOUT_CONVOLUTIONS, compiler_options, cpu_compiler_options
+from fathom_tune._xla_options import _YNN_WITHOUT_CONVOLUTIONS, compiler_options, cpu_compiler_options
 from fathom_tune.fathom import LocalAgreement, local_hypergradient
 from fathom_tune.engine import (
     Cost,

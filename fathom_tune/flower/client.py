@@ -55,7 +55,7 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
 from fathom_tune import checks
-from fathom_tune._programs import compiler_options
+from fathom_tune._xla_options import compiler_options
 from fathom_tune.fathom import ClientTracker
 from fathom_tune.flower import protocol
 from fathom_tune.engine import batch_indices, client_rng

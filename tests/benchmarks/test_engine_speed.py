@@ -17,7 +17,7 @@ from fedjax.algorithms import fed_avg
 
 import fathom_tune
 from fathom_tune import Bounds, HParams, Target, Task
-from fathom_tune._programs import compiler_options as engine_compiler_options
+from fathom_tune._xla_options import compiler_options as engine_compiler_options
 from fathom_tune.engine import Engine, bucket_size
 
 ROUNDS = 5
