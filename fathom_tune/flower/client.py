@@ -219,8 +219,9 @@ class LocalSGD:
         self.grad_fn = grad_fn
         self.jit = checks.boolean("jit", jit)
         step = functools.partial(_step, grad_fn)
-        options = compiler_options(jax.local_devices())  # the engine's (convolutions without YNNPACK)
-        self._step = jax.jit(step, compiler_options=options) if self.jit else step
+        if self.jit:  # with the engine's options (convolutions without YNNPACK on XLA:CPU)
+            step = jax.jit(step, compiler_options=compiler_options(jax.local_devices()))
+        self._step = step
 
     def __call__(
         self,
