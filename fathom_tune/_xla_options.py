@@ -22,7 +22,7 @@ _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _YNN_WITHOUT_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_compiler_options() -> tuple[tuple[str, str], ...]:
     """XLA:CPU options of the engine's programs: convolutions without YNNPACK.
 
@@ -42,7 +42,7 @@ def cpu_compiler_options() -> tuple[tuple[str, str], ...]:
     try:
         probe = jax.jit(lambda x: x + 1.0, compiler_options=dict(options))
         probe.lower(jax.ShapeDtypeStruct((), jnp.float32)).compile()
-    except Exception:  # an older or newer jaxlib without this option or its values
+    except jax.errors.JaxRuntimeError:  # a jaxlib without this option or these values
         return ()
     return options
 

@@ -44,7 +44,7 @@ def test_full_batch_round_matches_independent_gradient_descent():
     x0 = state.params
 
     def loss(p, batch):
-        return jnp.mean(model.train_loss(batch, model.apply_for_train(p, batch, jax.random.PRNGKey(1))))
+        return jnp.mean(model.train_loss(batch, model.apply_for_train(p, batch, None)))
 
     deltas, phis, losses = [], [], []
     for cid in res.client_ids:
@@ -85,7 +85,7 @@ def test_unequal_clients_linear_loss_one_epoch_matches_closed_form():
     model = task.model
 
     def summed(p, batch):
-        return jnp.sum(model.train_loss(batch, model.apply_for_train(p, batch, jax.random.PRNGKey(1))))
+        return jnp.sum(model.train_loss(batch, model.apply_for_train(p, batch, None)))
 
     n = np.array([task.train.client_size(c) for c in res.client_ids])
     deltas = []
@@ -345,8 +345,9 @@ def test_cpu_trains_long_unrolled_models_one_client_at_a_time():
 
 def _ynn_convolutions(hlo_text: str) -> int:
     """Convolutions that the compiled ``hlo_text`` hands to YNNPACK (its ``__ynn_fusion``s)."""
-    bodies = dict(re.findall(r"\n(%[\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.S))
-    called = re.findall(r"calls=(%[\w.\-]+), backend_config=\{\"fusion_config\":\{\"kind\":\"__ynn_fusion\"", hlo_text)
+    bodies = dict(re.findall(r"\n(%[\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo_text, re.DOTALL))
+    ynn = r"calls=(%[\w.\-]+), backend_config=\{\"fusion_config\":\{\"kind\":\"__ynn_fusion\""
+    called = re.findall(ynn, hlo_text)
     return sum("convolution(" in bodies.get(name, "") for name in called)
 
 
@@ -354,8 +355,11 @@ def _conv_task():
     rng = np.random.default_rng(0)
     data = fedjax.InMemoryFederatedData(
         {
-            b"a": {"x": rng.random((6, 28, 28, 1), dtype=np.float32), "y": rng.integers(0, 62, 6).astype(np.int32)},
-            b"b": {"x": rng.random((5, 28, 28, 1), dtype=np.float32), "y": rng.integers(0, 62, 5).astype(np.int32)},
+            name: {
+                "x": rng.random((n, 28, 28, 1), dtype=np.float32),
+                "y": rng.integers(0, 62, n).astype(np.int32),
+            }
+            for name, n in ((b"a", 6), (b"b", 5))
         }
     )
     model = fedjax.models.emnist.create_conv_model(only_digits=False)
@@ -376,9 +380,13 @@ def test_cpu_programs_compile_convolutions_without_ynnpack(monkeypatch):
 
     model, batch = task.model, task.train.get_client(b"a").all_examples()
 
+    key = jax.random.PRNGKey(1)  # the model has dropout
+
     def sgd_step(params):
-        grad = jax.grad(lambda p: jnp.mean(model.train_loss(batch, model.apply_for_train(p, batch, jax.random.PRNGKey(1)))))(params)
-        return jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grad)
+        def loss(p):
+            return jnp.mean(model.train_loss(batch, model.apply_for_train(p, batch, key)))
+
+        return jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, jax.grad(loss)(params))
 
     params = model.init(jax.random.PRNGKey(0))
     default_text = jax.jit(sgd_step).lower(params).compile().as_text()
@@ -388,7 +396,8 @@ def test_cpu_programs_compile_convolutions_without_ynnpack(monkeypatch):
     assert _ynn_convolutions(engine_text) == 0
     # The same step either way, to float32 rounding.
     with_options = jax.jit(sgd_step, compiler_options=compiler_options(jax.local_devices()))
-    for a, b in zip(jax.tree_util.tree_leaves(with_options(params)), jax.tree_util.tree_leaves(jax.jit(sgd_step)(params))):
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(with_options(params)), leaves(jax.jit(sgd_step)(params))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -405,4 +414,5 @@ def test_compiler_options_leave_gpus_and_the_users_xla_flags_alone(monkeypatch):
     finally:
         monkeypatch.undo()
         cpu_compiler_options.cache_clear()
-    assert dict(cpu_compiler_options()) in ({}, {"xla_cpu_experimental_ynn_fusion_type": _YNN_WITHOUT_CONVOLUTIONS})
+    ours = {"xla_cpu_experimental_ynn_fusion_type": _YNN_WITHOUT_CONVOLUTIONS}
+    assert dict(cpu_compiler_options()) in ({}, ours)
