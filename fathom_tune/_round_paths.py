@@ -17,6 +17,7 @@ report).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -25,6 +26,21 @@ import numpy as np
 from fathom_tune._rounds import Shuffles, batch_indices, bucket_size, client_rng
 
 __all__: list[str] = []
+
+
+@dataclasses.dataclass
+class _Ahead:
+    """Round ``round``'s draws, made while the previous round computed: its clients,
+    their :class:`Shuffles` and, for the hyperparameters expected, the steps, batch
+    sizes, blocks and batch plans (empty when none were expected)."""
+
+    round: int
+    sampled: np.ndarray
+    shuffles: dict
+    steps: np.ndarray | None = None
+    b_ints: np.ndarray | None = None
+    blocks: list = dataclasses.field(default_factory=list)
+    plans: list = dataclasses.field(default_factory=list)
 
 
 class _RoundPaths:
@@ -89,35 +105,28 @@ class _RoundPaths:
         new_params, opt_state = self._programs.server_update(x0, state.opt_state, u)
         return new_params, opt_state, u, pending
 
-    def _resident_blocks(self, state, blocks, sampled, steps, b_ints, etas, weights_all, stat0, validate):
+    def _resident_blocks(self, state, blocks, sampled, steps, b_ints, etas, weights_all, stat0, validate, ahead):
         """Each block in one compiled call on the resident data, the server update
-        included (the last block's is the round's)."""
+        included (the last block's is the round's). ``ahead``: the round's
+        :meth:`_draw_ahead`, or None."""
         data = self._resident
         x0, opt_state = state.params, state.opt_state
         if self._zero_update is None:
             self._zero_update = self._programs.zeros(x0)
         u = self._zero_update
-        p, s_call = self.client_block, self.steps_per_call
-        shuffles = self._shuffles(state.round, sampled)
+        shuffles = ahead.shuffles if ahead is not None else self._round_shuffles(state.round, sampled)
+        ready = ahead.plans if ahead is not None and ahead.blocks is blocks else [None] * len(blocks)
         pending = []
-        for members in blocks:
+        for members, plan in zip(blocks, ready):
             b_int = int(b_ints[members[0]])
             bucket, _, eta, w, cidx, n_steps = self._block_arrays(members, sampled, steps, etas, weights_all, b_int)
             ints = np.concatenate([n_steps, cidx, [b_int]]).astype(np.int32)
             floats = np.concatenate([eta, w, [1.0 / b_int, stat0]]).astype(np.float32)
-            # Rows of the plan (the loop runs only the chunks needed): room for the
-            # most steps the task's bounds allow in this bucket, so learning rate and
-            # epochs compile nothing; past that, rounded up to a power of two.
-            n_chunks = -(-int(n_steps.max()) // s_call)
-            rung = self._rungs.get(bucket) or self._initial_rung(bucket)
-            rung = max(rung, 1 << max(n_chunks - 1, 0).bit_length())
-            self._rungs[bucket] = rung
-            plan = np.zeros((p, s_call * rung, bucket), np.int32)
-            for j, i in enumerate(members):
-                c, k = int(sampled[i]), int(steps[i])
-                plan[j, :k, :b_int] = shuffles[c].take(k * b_int).reshape(k, b_int)
-                plan[j] += data["offsets"][c]
-            val = self._resident_validation(members, sampled, p) if validate else None
+            rows = self._plan_rows(bucket, int(n_steps.max()))
+            if plan is None or plan.shape[1] != rows:
+                plan = self._block_plan(members, sampled, steps, b_int, rows, shuffles)
+            self._rungs[bucket] = rows // self.steps_per_call
+            val = self._resident_validation(members, sampled, self.client_block) if validate else None
             # Every call also applies the server update (one optax step, next to
             # nothing); the last block's is the round's.
             new_params, new_opt, u, out = self._programs.block_round(
@@ -125,6 +134,29 @@ class _RoundPaths:
             )
             pending.append((members, out))
         return new_params, new_opt, u, pending
+
+    def _plan_rows(self, bucket: int, most_steps: int) -> int:
+        """Rows of a plan in ``bucket`` (the compiled loop runs only the chunks needed):
+        room for the most steps the task's bounds allow in this bucket, so learning
+        rate and epochs compile nothing; past that, rounded up to a power of two."""
+        n_chunks = -(-most_steps // self.steps_per_call)
+        rung = self._rungs.get(bucket) or self._initial_rung(bucket)
+        return self.steps_per_call * max(rung, 1 << max(n_chunks - 1, 0).bit_length())
+
+    def _block_plan(self, members, sampled, steps, b_int, rows, shuffles) -> np.ndarray:
+        """A block's batches as indices into the resident data, ``[client_block, rows,
+        bucket]``: client ``j``'s first ``K_j`` rows hold its batches of ``b_int``
+        examples (padding slots point at its first example and are masked); the
+        rows of steps it does not run point at example 0 and are never applied."""
+        bucket = bucket_size(b_int, self.buckets)
+        plan = np.zeros((self.client_block, rows, bucket), np.int32)
+        offsets = self._resident["offsets"]
+        for j, i in enumerate(members):
+            c, k = int(sampled[i]), int(steps[i])
+            plan[j, :k, :b_int] = shuffles[c].take(k * b_int).reshape(k, b_int)
+            plan[j, :k, :b_int] += offsets[c]
+            plan[j, :k, b_int:] = offsets[c]
+        return plan
 
     def _initial_rung(self, bucket: int) -> int:
         """Chunks a plan in ``bucket`` holds at first: enough for the largest local
@@ -138,25 +170,30 @@ class _RoundPaths:
             rung //= 2
         return rung
 
-    def _shuffles(self, rnd: int, sampled) -> dict[int, Shuffles]:
-        """The round's :class:`Shuffles` per client: drawn ahead while the previous
-        round computed (see :meth:`_draw_ahead`), else now."""
-        ahead = self._ahead
-        self._ahead = None
-        if ahead is not None and ahead[0] == rnd:
-            return ahead[2]
+    def _round_shuffles(self, rnd: int, sampled) -> dict[int, Shuffles]:
+        """The round's :class:`Shuffles` per client."""
         return {int(c): Shuffles(client_rng(self.seed, rnd, int(c)), int(self._client_sizes[c])) for c in sampled}
 
-    def _draw_ahead(self, rnd: int) -> None:
-        """Samples round ``rnd``'s clients and draws their first shuffle, while the
-        devices compute the current round: the same draws, off the critical path."""
+    def _draw_ahead(self, rnd: int, hparams) -> None:
+        """While the devices compute the current round: samples round ``rnd``'s
+        clients, draws their first shuffle and, for ``hparams`` (an
+        :class:`~fathom_tune.HParams`, or None for per-client hyperparameters), its
+        blocks and batch plans. :meth:`run_round` uses the plans when round ``rnd``
+        has the same steps and batch sizes (every round of a static run); they are
+        the draws it would make itself, taken off the critical path."""
         sampled = self.sampled(rnd)
-        shuffles = {}
-        for c in sampled:
-            sh = Shuffles(client_rng(self.seed, rnd, int(c)), int(self._client_sizes[c]))
+        shuffles = self._round_shuffles(rnd, sampled)
+        for sh in shuffles.values():
             sh.take(1)
-            shuffles[int(c)] = sh
-        self._ahead = (rnd, sampled, shuffles)
+        ahead = _Ahead(rnd, sampled, shuffles)
+        if hparams is not None:
+            ahead.steps, ahead.b_ints = self._client_steps(hparams, self._client_sizes[sampled])
+            ahead.blocks = self._blocks(ahead.steps, ahead.b_ints)
+            for members in ahead.blocks:
+                b_int = int(ahead.b_ints[members[0]])
+                rows = self._plan_rows(bucket_size(b_int, self.buckets), int(ahead.steps[members].max()))
+                ahead.plans.append(self._block_plan(members, sampled, ahead.steps, b_int, rows, shuffles))
+        self._ahead = ahead
 
     def _fits_on_devices(self, per_device: int) -> bool:
         """Whether rounds run on resident client data (see ``resident_bytes``)."""

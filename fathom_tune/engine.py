@@ -92,7 +92,7 @@ from fathom_tune._rounds import (
     fine_buckets,
     sample_clients,
 )
-from fathom_tune.hparams import ClientHParams, HParams
+from fathom_tune.hparams import ClientHParams, HParams, local_steps
 from fathom_tune.task import Task
 
 __all__ = [
@@ -288,7 +288,7 @@ class Engine(_RoundPaths):
         self._resident: dict | None = None
         self._zero_update = None
         self._rungs: dict[int, int] = {}  # bucket -> chunks its plans hold
-        self._ahead: tuple | None = None  # (round, sampled clients, their Shuffles) drawn ahead
+        self._ahead = None  # the next round's draws (_round_paths._Ahead), made while one computes
         self._eval_batches: dict[str, list] = {}
         self._programs = programs(
             task.model,
@@ -426,33 +426,42 @@ class Engine(_RoundPaths):
             raise TypeError(f"hparams must be an HParams or a ClientHParams, got {type(hparams).__name__}")
         t0 = time.perf_counter()
         rnd = state.round
-        sampled = self._ahead[1] if self._ahead is not None and self._ahead[0] == rnd else self.sampled(rnd)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.round != rnd:
+            ahead = None
+        sampled = ahead.sampled if ahead is not None else self.sampled(rnd)
         sizes = self._client_sizes[sampled]
-        client_hp = per_client or (hparams,) * len(sampled)
-        b_ints = np.array([hp.batch_int for hp in client_hp])
-        steps = np.array([hp.local_steps(int(n)) for hp, n in zip(client_hp, sizes)])
-        etas = np.array([hp.learning_rate for hp in client_hp], np.float32)
+        steps, b_ints = self._client_steps(per_client or hparams, sizes)
+        if per_client:
+            etas = np.array([hp.learning_rate for hp in per_client], np.float32)
+        else:
+            etas = np.full(len(sampled), hparams.learning_rate, np.float32)
         weights_all = sizes / sizes.sum()
         validate = self.client_validation > 0.0
 
-        blocks = self._blocks(steps, b_ints)
+        if ahead is not None and np.array_equal(ahead.steps, steps) and np.array_equal(ahead.b_ints, b_ints):
+            blocks = ahead.blocks  # drawn ahead with its batch plans
+        else:
+            blocks = self._blocks(steps, b_ints)
         stat0 = 0.0 if self.client_statistic is None else float(self.client_statistic.initial)
         stat = np.full(len(sampled), stat0, np.float64)
         loss = np.zeros(len(sampled), np.float64)
         val_before = np.zeros(len(sampled), np.float64)
         val_after = np.zeros(len(sampled), np.float64)
         rate = np.zeros(len(sampled), np.float64)
-        run = self._resident_blocks if self._resident_data() is not None else self._host_blocks
-        new_params, opt_state, u, pending = run(
-            state, blocks, sampled, steps, b_ints, etas, weights_all, stat0, validate
-        )
+        resident = self._resident_data() is not None
+        args = (state, blocks, sampled, steps, b_ints, etas, weights_all, stat0, validate)
+        if resident:
+            new_params, opt_state, u, pending = self._resident_blocks(*args, ahead)
+        else:
+            new_params, opt_state, u, pending = self._host_blocks(*args)
         # The server optimizer's scalars (a step count, FATHOM's H) are copied to the
         # host while the round computes: a schedule that reads one does not wait then.
         for leaf in jax.tree_util.tree_leaves(opt_state):
             if getattr(leaf, "ndim", None) == 0 and hasattr(leaf, "copy_to_host_async"):
                 leaf.copy_to_host_async()
-        if run == self._resident_blocks:
-            self._draw_ahead(rnd + 1)
+        if resident:
+            self._draw_ahead(rnd + 1, None if per_client else hparams)
         held = self._held_sizes[sampled]
         for members, out in pending:
             out = np.asarray(out)[:, : len(members)]  # statistic, loss, validation before, after, rate
@@ -499,6 +508,18 @@ class Engine(_RoundPaths):
         """Indices (into ``task.train.client_ids()``) of the clients of round ``round_index``."""
         return sample_clients(self.seed, round_index, len(self._client_ids), self.clients_per_round)
 
+
+    @staticmethod
+    def _client_steps(hparams: HParams | tuple[HParams, ...], sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``K_i`` and ``B_int`` of clients with ``sizes`` examples: under one
+        :class:`HParams`, or one each."""
+        if isinstance(hparams, HParams):
+            b = hparams.batch_int
+            steps = [local_steps(hparams.local_epochs, n, hparams.batch_size) for n in sizes.tolist()]
+            return np.array(steps), np.full(len(sizes), b)
+        return np.array([hp.local_steps(n) for hp, n in zip(hparams, sizes.tolist())]), np.array(
+            [hp.batch_int for hp in hparams]
+        )
 
     def _blocks(self, steps: np.ndarray, b_ints: np.ndarray) -> list[np.ndarray]:
         """The round's clients in blocks of at most ``client_block`` with one batch size each,

@@ -14,6 +14,8 @@ from _toy import flat, mlp_model, toy_task
 
 import fathom_tune.fathom.hypergrad
 from fathom_tune import HParams
+from fathom_tune._rounds import batch_indices, client_rng
+from fathom_tune.hparams import ClientHParams
 from fathom_tune._xla_options import _YNN_WITHOUT_CONVOLUTIONS, compiler_options, cpu_compiler_options
 from fathom_tune.fathom import LocalAgreement, local_hypergradient
 from fathom_tune.engine import (
@@ -113,6 +115,63 @@ def test_padding_blocks_and_chunks_do_not_change_the_math(client_block):
     np.testing.assert_allclose(flat(a.params), flat(b.params), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(ra.statistic, rb.statistic, atol=1e-5)
     assert ra.train_loss == pytest.approx(rb.train_loss, rel=1e-5)
+
+
+def test_resident_rounds_train_on_each_clients_shuffles_drawn_ahead_or_not(monkeypatch):
+    """Every resident round's plan holds each client's batch_indices (shuffle, repeat),
+    whether it was drawn during the round before (same steps and batch size) or made
+    in the round (epochs, batch size or the plan's rows changed; a round of per-client
+    hyperparameters), and the model is bit for bit the one of an engine that draws
+    no plan ahead."""
+    task = toy_task(sizes=(30, 47, 12, 64, 5), clients_per_round=3)
+    a = ClientHParams(clients=(HParams(0.1, 1.0, 7.0),) * 3, summary=HParams(0.1, 1.0, 7.0))
+    hps = [
+        (HParams(0.1, 1.0, 7.0), False),  # first round: nothing drawn ahead
+        (HParams(0.3, 1.0, 7.0), True),  # learning rate only: drawn ahead
+        (HParams(0.3, 2.5, 7.0), False),  # epochs
+        (HParams(0.3, 2.5, 7.0), True),
+        (HParams(0.3, 2.5, 5.0), False),  # batch size
+        (HParams(0.3, 14.0, 1.0), False),  # past the bounds: more rows
+        (HParams(0.3, 14.0, 1.0), True),
+        (a, False),
+        (HParams(0.1, 1.0, 7.0), False),  # after per-client hyperparameters
+    ]
+
+    def run(draw_plans):
+        eng = Engine(task, seed=3)
+        assert eng.resident
+        used = []
+        real_call, real_ahead = eng._programs.block_round, eng._draw_ahead
+
+        def block_round(x0, opt_state, u, data, plan, ints, *rest):
+            used.append((plan, ints, any(plan is q for q in getattr(ahead[0], "plans", ()))))
+            return real_call(x0, opt_state, u, data, plan, ints, *rest)
+
+        monkeypatch.setattr(eng._programs, "block_round", block_round)
+        monkeypatch.setattr(eng, "_draw_ahead", lambda r, hp: real_ahead(r, hp if draw_plans else None))
+        s = eng.init()
+        for hp, _ in hps:
+            ahead = [eng._ahead]
+            s, _ = eng.run_round(s, hp)
+        monkeypatch.undo()
+        return eng, used, flat(s.params)
+
+    eng, used, params = run(True)
+    assert [hit for _, _, hit in used] == [hit for _, hit in hps]
+    offsets = np.concatenate([[0], np.cumsum(eng._client_sizes)[:-1]])
+    for rnd, (plan, ints, _) in enumerate(used):
+        p = eng.client_block
+        b = int(ints[2 * p])
+        for j in range(p):
+            k, c = int(ints[j]), int(ints[p + j])
+            own = batch_indices(int(eng._client_sizes[c]), k, b, client_rng(3, rnd, c))
+            np.testing.assert_array_equal(plan[j, :k, :b], own + offsets[c])
+            assert (plan[j, :k, b:] == offsets[c]).all()
+    assert used[6][0].shape[1] > used[4][0].shape[1]  # E = 14 at B = 1 grew the plan
+
+    _, not_ahead, same = run(False)
+    assert not any(hit for _, _, hit in not_ahead)
+    assert np.array_equal(params, same)
 
 
 def test_same_seed_identical_parameters_and_other_seed_differs():
