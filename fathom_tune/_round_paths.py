@@ -153,9 +153,9 @@ class _RoundPaths:
         offsets = self._resident["offsets"]
         for j, i in enumerate(members):
             c, k = int(sampled[i]), int(steps[i])
-            plan[j, :k, :b_int] = shuffles[c].take(k * b_int).reshape(k, b_int)
-            plan[j, :k, :b_int] += offsets[c]
-            plan[j, :k, b_int:] = offsets[c]
+            rows_j = plan[j, :k]
+            rows_j[:, :b_int] = shuffles[c].take(k * b_int).reshape(k, b_int)
+            rows_j += offsets[c]  # the padding slots too: the client's first example
         return plan
 
     def _initial_rung(self, bucket: int) -> int:

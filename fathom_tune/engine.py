@@ -92,7 +92,7 @@ from fathom_tune._rounds import (
     fine_buckets,
     sample_clients,
 )
-from fathom_tune.hparams import ClientHParams, HParams, local_steps
+from fathom_tune.hparams import ClientHParams, HParams
 from fathom_tune.task import Task
 
 __all__ = [
@@ -514,9 +514,9 @@ class Engine(_RoundPaths):
         """``K_i`` and ``B_int`` of clients with ``sizes`` examples: under one
         :class:`HParams`, or one each."""
         if isinstance(hparams, HParams):
-            b = hparams.batch_int
-            steps = [local_steps(hparams.local_epochs, n, hparams.batch_size) for n in sizes.tolist()]
-            return np.array(steps), np.full(len(sizes), b)
+            e, b = hparams.local_epochs, hparams.batch_int
+            # local_steps(e, n, B) for every client, its arithmetic unrolled
+            return np.array([max(math.ceil(e * n / b), 1) for n in sizes.tolist()]), np.full(len(sizes), b)
         return np.array([hp.local_steps(n) for hp, n in zip(hparams, sizes.tolist())]), np.array(
             [hp.batch_int for hp in hparams]
         )

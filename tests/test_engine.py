@@ -152,7 +152,9 @@ def test_resident_rounds_train_on_each_clients_shuffles_drawn_ahead_or_not(monke
         s = eng.init()
         for hp, _ in hps:
             ahead = [eng._ahead]
-            s, _ = eng.run_round(s, hp)
+            s, res = eng.run_round(s, hp)
+            each = hp.clients if isinstance(hp, ClientHParams) else [hp] * len(res.num_examples)
+            assert list(res.local_steps) == [h.local_steps(int(n)) for h, n in zip(each, res.num_examples)]
         monkeypatch.undo()
         return eng, used, flat(s.params)
 
