@@ -86,11 +86,12 @@ def client_rng(seed: int, round_index: int, client_index: int) -> np.random.Gene
 
 def generator(*words: int) -> np.random.Generator:
     """``np.random.default_rng(np.random.SeedSequence([*words]))``: the same generator,
-    made from a uint32 array where every word fits one (a third of the time; a
-    round makes one per sampled client).
+    made from a uint32 array of the words where each fits 32 bits (the seed
+    sequence then takes a third of the time; a round makes one generator per
+    sampled client).
 
     >>> a, b = generator(7, 3, 0xB5), np.random.default_rng(np.random.SeedSequence([7, 3, 0xB5]))
-    >>> a.integers(1 << 62) == b.integers(1 << 62)
+    >>> bool(a.integers(1 << 62) == b.integers(1 << 62))
     True
     """
     if all(0 <= w < 1 << 32 for w in words):

@@ -508,7 +508,6 @@ class Engine(_RoundPaths):
         """Indices (into ``task.train.client_ids()``) of the clients of round ``round_index``."""
         return sample_clients(self.seed, round_index, len(self._client_ids), self.clients_per_round)
 
-
     @staticmethod
     def _client_steps(hparams: HParams | tuple[HParams, ...], sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``K_i`` and ``B_int`` of clients with ``sizes`` examples: under one
