@@ -236,7 +236,7 @@ class Objective:
         >>> task = fathom_tune.tasks.digits().replace(num_rounds=4, eval_every=2)
         >>> study = optuna.create_study(direction="maximize")
         >>> study.optimize(Objective(task, seed=0), n_trials=2)
-        >>> [t.user_attrs["rounds"] for t in study.trials]
+        >>> [t.user_attrs["cost"]["rounds"] for t in study.trials]
         [4, 4]
     """
 
