@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from fathom_tune._rounds import Shuffles, batch_indices, bucket_size, client_rng
+from fathom_tune.hparams import HParams
 
 __all__: list[str] = []
 
@@ -46,6 +47,18 @@ class _Ahead:
 class _RoundPaths:
     """The engine's round paths, as methods of :class:`~fathom_tune.engine.Engine`
     (they read its configuration and caches)."""
+
+    @staticmethod
+    def _client_steps(hparams: HParams | tuple[HParams, ...], sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``K_i`` and ``B_int`` of clients with ``sizes`` examples: under one
+        :class:`HParams`, or one each."""
+        if isinstance(hparams, HParams):
+            e, b = hparams.local_epochs, hparams.batch_int
+            # local_steps(e, n, B) for every client, its arithmetic unrolled
+            return np.array([max(math.ceil(e * n / b), 1) for n in sizes.tolist()]), np.full(len(sizes), b)
+        return np.array([hp.local_steps(n) for hp, n in zip(hparams, sizes.tolist())]), np.array(
+            [hp.batch_int for hp in hparams]
+        )
 
     def _block_arrays(self, members, sampled, steps, etas, weights_all, b_int):
         """Per-block inputs padded to ``client_block`` clients (padding clients run no step)."""

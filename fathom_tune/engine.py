@@ -508,18 +508,6 @@ class Engine(_RoundPaths):
         """Indices (into ``task.train.client_ids()``) of the clients of round ``round_index``."""
         return sample_clients(self.seed, round_index, len(self._client_ids), self.clients_per_round)
 
-    @staticmethod
-    def _client_steps(hparams: HParams | tuple[HParams, ...], sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``K_i`` and ``B_int`` of clients with ``sizes`` examples: under one
-        :class:`HParams`, or one each."""
-        if isinstance(hparams, HParams):
-            e, b = hparams.local_epochs, hparams.batch_int
-            # local_steps(e, n, B) for every client, its arithmetic unrolled
-            return np.array([max(math.ceil(e * n / b), 1) for n in sizes.tolist()]), np.full(len(sizes), b)
-        return np.array([hp.local_steps(n) for hp, n in zip(hparams, sizes.tolist())]), np.array(
-            [hp.batch_int for hp in hparams]
-        )
-
     def _blocks(self, steps: np.ndarray, b_ints: np.ndarray) -> list[np.ndarray]:
         """The round's clients in blocks of at most ``client_block`` with one batch size each,
         clients with similar ``K_i`` together."""
