@@ -135,10 +135,9 @@ class _RoundPaths:
             bucket, _, eta, w, cidx, n_steps = self._block_arrays(members, sampled, steps, etas, weights_all, b_int)
             ints = np.concatenate([n_steps, cidx, [b_int]]).astype(np.int32)
             floats = np.concatenate([eta, w, [1.0 / b_int, stat0]]).astype(np.float32)
-            rows = self._plan_rows(bucket, int(n_steps.max()))
-            if plan is None or plan.shape[1] != rows:
-                plan = self._block_plan(members, sampled, steps, b_int, rows, shuffles)
-            self._rungs[bucket] = rows // self.steps_per_call
+            if plan is None or plan.shape[1] != self._plan_rows(bucket, int(n_steps.max())):
+                plan = self._block_plan(members, sampled, steps, b_int, shuffles)
+            self._rungs[bucket] = plan.shape[1] // self.steps_per_call
             val = self._resident_validation(members, sampled, self.client_block) if validate else None
             # Every call also applies the server update (one optax step, next to
             # nothing); the last block's is the round's.
@@ -156,12 +155,14 @@ class _RoundPaths:
         rung = self._rungs.get(bucket) or self._initial_rung(bucket)
         return self.steps_per_call * max(rung, 1 << max(n_chunks - 1, 0).bit_length())
 
-    def _block_plan(self, members, sampled, steps, b_int, rows, shuffles) -> np.ndarray:
+    def _block_plan(self, members, sampled, steps, b_int, shuffles) -> np.ndarray:
         """A block's batches as indices into the resident data, ``[client_block, rows,
-        bucket]``: client ``j``'s first ``K_j`` rows hold its batches of ``b_int``
-        examples (padding slots point at its first example and are masked); the
-        rows of steps it does not run point at example 0 and are never applied."""
+        bucket]`` (rows: :meth:`_plan_rows`): client ``j``'s first ``K_j`` rows hold
+        its batches of ``b_int`` examples (padding slots point at its first example
+        and are masked); the rows of steps it does not run point at example 0 and
+        are never applied."""
         bucket = bucket_size(b_int, self.buckets)
+        rows = self._plan_rows(bucket, int(steps[members].max()))
         plan = np.zeros((self.client_block, rows, bucket), np.int32)
         offsets = self._resident["offsets"]
         for j, i in enumerate(members):
@@ -202,10 +203,9 @@ class _RoundPaths:
         if hparams is not None:
             ahead.steps, ahead.b_ints = self._client_steps(hparams, self._client_sizes[sampled])
             ahead.blocks = self._blocks(ahead.steps, ahead.b_ints)
-            for members in ahead.blocks:
-                b_int = int(ahead.b_ints[members[0]])
-                rows = self._plan_rows(bucket_size(b_int, self.buckets), int(ahead.steps[members].max()))
-                ahead.plans.append(self._block_plan(members, sampled, ahead.steps, b_int, rows, shuffles))
+            ahead.plans = [
+                self._block_plan(m, sampled, ahead.steps, int(ahead.b_ints[m[0]]), shuffles) for m in ahead.blocks
+            ]
         self._ahead = ahead
 
     def _fits_on_devices(self, per_device: int) -> bool:
