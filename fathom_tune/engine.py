@@ -23,7 +23,7 @@ How it is fast with bounded compilation:
   masked out of the loss, so every step still averages over exactly
   ``B_int`` real examples; only a new bucket compiles a new program. Where a
   step is bound by compute (convolutions on XLA:CPU) the ladder is close
-  (:func:`fine_buckets`: padding at most an eighth); elsewhere it is coarse
+  (:func:`fine_buckets`: padding under a sixteenth); elsewhere it is coarse
   (:func:`default_buckets`: ``1, 2, 3, 4, 6, 8, 12, 16, 24, ...``).
 * The number of local steps is data, not shape: clients run in blocks of
   ``client_block`` clients (``jax.vmap``), each block in chunks of
@@ -129,8 +129,8 @@ class Engine(_RoundPaths):
         server_optimizer: an optax transformation applied to the mean update
             as if it were a gradient. Default ``optax.sgd(1.0)`` (plain FedAvg).
         buckets: ascending batch-size ladder; the largest must hold the task's
-            upper batch-size bound. ``None``: :func:`fine_buckets` (padding at
-            most an eighth of a step) where steps are compute-bound (models
+            upper batch-size bound. ``None``: :func:`fine_buckets` (padding
+            under a sixteenth of a step) where steps are compute-bound (models
             trained one client per device on XLA:CPU, see ``client_block``),
             else :func:`default_buckets` (fewer programs; padding is nearly
             free where a round is bound by dispatch, not compute).

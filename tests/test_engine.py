@@ -24,6 +24,7 @@ from fathom_tune.engine import (
     ServerState,
     bucket_size,
     default_buckets,
+    fine_buckets,
     sample_clients,
 )
 
@@ -217,6 +218,18 @@ def test_batch_size_sweep_compiles_a_bounded_number_of_programs():
     for lr, e in [(0.01, 0.2), (0.3, 3.0), (0.001, 9.0)]:
         s, _ = eng.run_round(s, HParams(lr, e, 200.0))  # 200 -> bucket 256, already compiled
     assert eng.compile_count == before
+
+
+def test_close_ladder_pads_under_a_sixteenth_and_not_at_all_at_common_sizes():
+    ladder = fine_buckets()
+    # Worked out by hand: 4..16 (13), 18..64 even (24), 68..128 by 4 (16), 136..256 by 8 (16).
+    assert len({bucket_size(b, ladder) for b in range(4, 257)}) == 13 + 24 + 16 + 16 == 69
+    for b in [*range(1, 17), *range(18, 65, 2), 128, 256, 1024, 1 << 16]:
+        assert bucket_size(b, ladder) == b
+    assert bucket_size(51, ladder) == 52 and bucket_size(65, ladder) == 68 and bucket_size(129, ladder) == 136
+    worst = max((bucket_size(b, ladder) - b) / b for b in range(1, (1 << 16) + 1))
+    assert worst == 2047 / 32769  # 32769 pads to 34816: steps of 2048 from 32768
+    assert fine_buckets(100)[-1] == 100 and fine_buckets(101)[-1] == 104
 
 
 def test_server_optimizer_sees_the_mean_update_as_a_gradient():

@@ -134,7 +134,7 @@ def test_batch_size_sweep_compilations(benchmark, name):
     benchmark.extra_info.update(counts, seconds=seconds, buckets=len(engine.buckets), backend=jax.default_backend())
     benchmark.group = "compilations"
     print(f"\n{name}: {counts}, {seconds:.1f} s")
-    bound = 13 if name == "digits" else 45
+    bound = 13 if name == "digits" else 69
     assert counts["local_steps"] <= bound
 
 
@@ -144,14 +144,16 @@ def test_batch_size_sweep_compilations(benchmark, name):
 REPEATS = int(os.environ.get("ENGINE_BENCH_REPEATS", "3"))
 
 
-def interleaved(fns: dict, repeats: int = REPEATS, best: dict | None = None) -> dict:
+def interleaved(fns: dict, repeats: int = REPEATS, best: dict | None = None, runs: dict | None = None) -> dict:
     """Median seconds of each closure, run in turn ``repeats`` times (drift hits all alike).
 
     The order rotates each repetition, so no case always runs right after the same
     other case (whatever one leaves behind, in caches or in the machine's state,
     falls on each case in turn). ``best``, if given, receives each closure's
     fastest time: on a shared 2-vCPU machine single repetitions of the same
-    closure were seen 2.7-3.8 s apart, and the minimum is the least disturbed."""
+    closure were seen 2.7-3.8 s apart, and the minimum is the least disturbed.
+    ``runs``, if given, receives every repetition's time (for ratios within a
+    repetition, whose closures ran next to each other)."""
     import statistics
     import time
 
@@ -165,6 +167,8 @@ def interleaved(fns: dict, repeats: int = REPEATS, best: dict | None = None) -> 
             times[k].append(time.perf_counter() - t)
     if best is not None:
         best.update({k: min(v) for k, v in times.items()})
+    if runs is not None:
+        runs.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -223,8 +227,13 @@ def test_conv_round_against_compute_floor(benchmark, b):
     }
     for fn in fns.values():
         fn()  # compile
-    best = {}
-    med = benchmark.pedantic(lambda: interleaved(fns, best=best), rounds=1, iterations=1)
+    best, runs = {}, {}
+    med = benchmark.pedantic(lambda: interleaved(fns, best=best, runs=runs), rounds=1, iterations=1)
+
+    def paired(a, b):
+        """The median over repetitions of a / b within each repetition."""
+        return float(np.median(np.array(runs[a]) / np.array(runs[b])))
+
     engine = Engine(task, seed=0)
     info = {f"{k}_s": v for k, v in med.items()}
     info.update(
@@ -237,6 +246,9 @@ def test_conv_round_against_compute_floor(benchmark, b):
         best_engine_over_floor=best["engine"] / best["floor"],
         best_engine_phi_over_floor=best["engine_phi"] / best["floor"],
         best_fedjax_over_engine=best["fedjax"] / best["engine"],
+        paired_engine_over_floor=paired("engine", "floor"),
+        paired_engine_phi_over_floor=paired("engine_phi", "floor"),
+        paired_fedjax_over_engine=paired("fedjax", "engine"),
         backend=jax.default_backend(),
     )
     benchmark.group = "conv round vs compute floor"
