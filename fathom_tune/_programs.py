@@ -225,24 +225,26 @@ class _Programs:
             return jax.vmap(client_loss)(params, batches, mask)
 
         # ---- the host-fed path: batches gathered on the host, a call per chunk of steps
-        def local_steps_body(x0, ctx, params, stat, loss_sum, rate, batches, ex_mask, active, keys, step0, eta, inv_b):
+        def local_steps_body(x0, ctx, params, stat, loss_sum, rate, batches, ex_mask, n_steps, keys, step0, eta, inv_b):
             carry = (params, stat, loss_sum, rate)
             for s in range(steps):  # unrolled: see the module docstring
                 batch = jax.tree_util.tree_map(operator.itemgetter((slice(None), s)), batches)
                 # Steps past a client's K_i are computed and masked out: a lax.cond
                 # around a convolution step was measured 14x slower on XLA:CPU.
                 carry = block_step(
-                    x0, ctx, carry, batch, ex_mask, active[:, s], step_keys(keys, step0 + s), eta, inv_b
+                    x0, ctx, carry, batch, ex_mask, step0 + s < n_steps, step_keys(keys, step0 + s), eta, inv_b
                 )
             return carry
 
         def local_steps(
-            x0, ctx, params, stat, loss_sum, rate, batches, ex_mask, active, seed, rnd, cidx, step0, eta, inv_b
+            x0, ctx, params, stat, loss_sum, rate, batches, ex_mask, n_steps, seed, rnd, cidx, step0, eta, inv_b
         ):
+            """A chunk of ``steps`` local steps from step ``step0`` of a block's clients;
+            client ``j`` runs those below its ``n_steps[j]``."""
             self._count("local_steps")
             body = sharded(local_steps_body, (R, R, C, C, C, C, C, R, C, C, R, C, R), (C, C, C, C))
             keys = client_keys(seed, rnd, cidx)
-            return body(x0, ctx, params, stat, loss_sum, rate, batches, ex_mask, active, keys, step0, eta, inv_b)
+            return body(x0, ctx, params, stat, loss_sum, rate, batches, ex_mask, n_steps, keys, step0, eta, inv_b)
 
         def start_rates(opt_state):
             self._count("rate_start")

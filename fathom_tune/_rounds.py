@@ -12,6 +12,7 @@ import numpy as np
 
 from fathom_tune.hparams import HParams
 
+
 def default_buckets(max_size: int = 1 << 16) -> tuple[int, ...]:
     """The batch-size ladder: 1, 2, 3, then ``2^k`` and ``3 * 2^(k-1)``.
 

@@ -177,6 +177,63 @@ def test_resident_rounds_train_on_each_clients_shuffles_drawn_ahead_or_not(monke
     assert np.array_equal(params, same)
 
 
+@pytest.mark.parametrize("gather_bytes", [1, 3 * 2 * 2 * 8 * 4 * 17, None])
+def test_host_rounds_train_on_each_clients_shuffles_however_many_calls_a_gather_holds(
+    monkeypatch, gather_bytes
+):
+    """On the host path, each call's batches are the block's clients' examples at
+    their batch_indices (padding slots and inactive steps
+    at example 0; the block's empty slot repeats its first client), whether one
+    gather serves one call, three or all of them; the model is bit for bit the
+    same either way."""
+    import fathom_tune._round_paths as round_paths
+
+    task = toy_task(sizes=(30, 47, 12, 64, 5), clients_per_round=3)
+    hp = HParams(0.2, 1.5, 7.0)  # bucket 8; K = 7, 11, 3, 14, 2 by client
+
+    def run(span_bytes):
+        if span_bytes is not None:  # 1: a gather per call; else 3 calls of 2 clients x 2 steps x 8 x 17 floats
+            monkeypatch.setattr(round_paths, "GATHER_BYTES", span_bytes)
+        eng = Engine(task, seed=3, resident_bytes=1, client_block=2, steps_per_call=2)
+        assert not eng.resident
+        calls, real = [], eng._programs.local_steps
+
+        def local_steps(*a):
+            calls.append({"batches": a[6], "n_steps": np.asarray(a[8]), "cidx": np.asarray(a[11]), "step0": a[12]})
+            return real(*a)
+
+        monkeypatch.setattr(eng._programs, "local_steps", local_steps)
+        s = eng.init()
+        for _ in range(2):
+            s, _ = eng.run_round(s, hp)
+        monkeypatch.undo()
+        return eng, calls, flat(s.params)
+
+    eng, calls, params = run(gather_bytes)
+    rnd, seen = 0, 0
+    for call in calls:
+        if call["step0"] == 0:
+            seen += 1
+        rnd = (seen - 1) // 2  # two blocks a round (3 clients, 2 per block)
+        for j, (k, c) in enumerate(zip(call["n_steps"], call["cidx"])):
+            if k == 0:  # the block's empty slot (3 clients in blocks of 2): its first client's batches
+                for key in ("x", "y"):
+                    np.testing.assert_array_equal(call["batches"][key][j], call["batches"][key][0])
+                continue
+            ex = eng._client_examples(int(c))
+            own = batch_indices(int(eng._client_sizes[c]), int(k), 7, client_rng(3, rnd, int(c)))
+            for s in range(2):
+                step = call["step0"] + s
+                want = np.zeros(8, np.int64)
+                if step < k:
+                    want[:7] = own[step]
+                for key in ("x", "y"):
+                    np.testing.assert_array_equal(call["batches"][key][j, s], ex[key][want])
+    assert seen == 4
+    _, _, default = run(None)
+    assert np.array_equal(params, default)
+
+
 def test_same_seed_identical_parameters_and_other_seed_differs():
     task = toy_task()
     hps = [HParams(0.1, 1.0, 10.0), HParams(0.05, 2.0, 5.0), HParams(0.2, 0.5, 17.0)]
