@@ -85,7 +85,7 @@ class _RoundPaths:
         x0 = state.params
         u = self._programs.zeros(x0)
         p_block, s_call = self.client_block, self.steps_per_call
-        pending = []
+        pending, spare = [], None
         for members in blocks:
             b_int = int(b_ints[members[0]])
             bucket, ex_mask, eta, w, cidx, n_steps = self._block_arrays(
@@ -98,6 +98,8 @@ class _RoundPaths:
                 for m in members
             ]
             params = self._programs.broadcast(x0)
+            if spare is None:  # each call writes the new models here; later blocks reuse it
+                spare = self._programs.broadcast(x0)
             ctx, rate = self._programs.start_rates(state.opt_state) if self.local_rate is not None else ((), ())
             stat_b = np.full(p_block, stat0, np.float32)
             loss_b = np.zeros(p_block, np.float32)
@@ -110,17 +112,20 @@ class _RoundPaths:
                 before_b = self._programs.validation_loss(params, val_batch, val_mask)
             # Batches gathered for several calls at once (up to GATHER_BYTES), each
             # call's a view: one gather per client and feature, not one per call.
-            per_example = sum(v[:1].nbytes for v in self._client_examples(int(sampled[members[0]])).values())
+            first = self._client_examples(int(sampled[members[0]]))
+            per_example = sum(v[:1].nbytes for v in first.values())
             span = max(1, GATHER_BYTES // max(1, p_block * s_call * bucket * per_example))
             for call in range(n_calls):
                 if call % span == 0:
-                    ahead = self._gather(members, sampled, plans, slice(call * s_call, (call + span) * s_call), p_block)
+                    steps_ahead = slice(call * s_call, (call + span) * s_call)
+                    ahead = self._gather(members, sampled, plans, steps_ahead, p_block)
                 at = (call % span) * s_call
                 batches = {key: arr[:, at : at + s_call] for key, arr in ahead.items()}
-                params, stat_b, loss_b, rate = self._programs.local_steps(
-                    x0, ctx, params, stat_b, loss_b, rate, batches, ex_mask, n_dev, seed, rnd, cidx,
+                new, stat_b, loss_b, rate = self._programs.local_steps(
+                    x0, ctx, params, spare, stat_b, loss_b, rate, batches, ex_mask, n_dev, seed, rnd, cidx,
                     call * s_call, eta, inv_b,
                 )
+                params, spare = new, params
             if validate:
                 after_b = self._programs.validation_loss(params, val_batch, val_mask)
             else:
