@@ -112,9 +112,7 @@ class _RoundPaths:
                 before_b = self._programs.validation_loss(params, val_batch, val_mask)
             # Batches gathered for several calls at once (up to GATHER_BYTES), each
             # call's a view: one gather per client and feature, not one per call.
-            first = self._client_examples(int(sampled[members[0]]))
-            per_example = sum(v[:1].nbytes for v in first.values())
-            span = max(1, GATHER_BYTES // max(1, p_block * s_call * bucket * per_example))
+            span = max(1, GATHER_BYTES // max(1, p_block * s_call * bucket * self._example_bytes()))
             for call in range(n_calls):
                 if call % span == 0:
                     steps_ahead = slice(call * s_call, (call + span) * s_call)
@@ -231,8 +229,12 @@ class _RoundPaths:
         if per_device == 1 and jax.default_backend() == "cpu":
             return False  # one client per device: compute-bound, kept out of compiled loops
         n_all = int(self._client_sizes.sum() + self._held_sizes.sum())
-        per_example = sum(v[:1].nbytes for v in self._client_examples(0).values())
-        return n_all * per_example <= self.resident_bytes
+        return n_all * self._example_bytes() <= self.resident_bytes
+
+    def _example_bytes(self) -> int:
+        """The bytes of one training example, all its features (from the arrays' shapes,
+        so a client without examples counts too)."""
+        return sum(v.dtype.itemsize * math.prod(v.shape[1:]) for v in self._client_examples(0).values())
 
     def _resident_data(self) -> dict | None:
         """Every client's training (and validation) examples on the devices, loaded at
