@@ -115,10 +115,10 @@ class _RoundPaths:
             span = max(1, GATHER_BYTES // max(1, p_block * s_call * bucket * self._example_bytes()))
             for call in range(n_calls):
                 if call % span == 0:
-                    steps_ahead = slice(call * s_call, (call + span) * s_call)
-                    ahead = self._gather(members, sampled, plans, steps_ahead, p_block)
+                    span_steps = slice(call * s_call, (call + span) * s_call)
+                    gathered = self._gather(members, sampled, plans, span_steps, p_block)
                 at = (call % span) * s_call
-                batches = {key: arr[:, at : at + s_call] for key, arr in ahead.items()}
+                batches = {key: arr[:, at : at + s_call] for key, arr in gathered.items()}
                 new, stat_b, loss_b, rate = self._programs.local_steps(
                     x0, ctx, params, spare, stat_b, loss_b, rate, batches, ex_mask, n_dev, seed, rnd, cidx,
                     call * s_call, eta, inv_b,
