@@ -49,9 +49,9 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from baselines._budget import Budget, NotRun
-from baselines._seeding import PerTrialSeed
 from baselines._objective import Objective, check_space, preference
 from baselines._registry import Baseline, get
+from baselines._seeding import PerTrialSeed
 from fathom_tune import checks, record
 from fathom_tune.engine import Cost
 from fathom_tune.hparams import NAMES, Bounds, HParams

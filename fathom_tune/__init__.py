@@ -32,7 +32,9 @@ from fathom_tune import tasks
 from fathom_tune import tuners
 from fathom_tune import fathom
 from fathom_tune import peers
-from fathom_tune.checkpoint import CheckpointError
+from fathom_tune import storage
+from fathom_tune import tuning
+from fathom_tune.storage.checkpoint import CheckpointError
 from fathom_tune.engine import Cost
 from fathom_tune.engine import Engine
 from fathom_tune.fathom import ClientTracker
@@ -47,13 +49,13 @@ from fathom_tune.fathom import safe_cosine
 from fathom_tune.hparams import Bounds
 from fathom_tune.hparams import ClientHParams
 from fathom_tune.hparams import HParams
-from fathom_tune.record import study_name
+from fathom_tune.storage.record import study_name
 from fathom_tune.storage import open_storage
 from fathom_tune.task import Target
 from fathom_tune.task import Task
-from fathom_tune.tuners import Tuner
-from fathom_tune.tuners import TuningResult
-from fathom_tune.tuners import fedavg
+from fathom_tune.tuning.tuner import Tuner
+from fathom_tune.tuning.tuner import TuningResult
+from fathom_tune.tuning.tuner import fedavg
 # isort: on
 
 __all__ = [
@@ -85,7 +87,9 @@ __all__ = [
     "report_divergence",
     "report_round",
     "safe_cosine",
+    "storage",
     "study_name",
     "tasks",
     "tuners",
+    "tuning",
 ]

@@ -48,7 +48,13 @@ import pathlib
 import sys
 import time
 
-from studies._cli import SQLITE, dashboard_command, interruptible, storage_problem, unwritable_reason
+from studies._cli import (
+    SQLITE,
+    dashboard_command,
+    interruptible,
+    storage_problem,
+    unwritable_reason,
+)
 
 # fathom_tune (and with it JAX), optuna and the report are imported once the
 # options have parsed: `--help` answers at once.
@@ -258,7 +264,7 @@ def main(argv=None) -> int:
     A second comparison writing to the same ``--out`` at the same time is refused.
     """
     args = parse_args(argv)
-    from fathom_tune.checkpoint import exclusive
+    from fathom_tune.storage.checkpoint import exclusive
 
     out_root = pathlib.Path(args.out)
     out_created = not out_root.exists()

@@ -52,7 +52,7 @@ def parse_args(argv):
     if why:
         parser.error(f"--storage {why}")
     import fathom_tune
-    from fathom_tune.checkpoint import load_checkpoint
+    from fathom_tune.storage.checkpoint import load_checkpoint
 
     given = args.checkpoint is not None
     if not given:  # its directory is made when the run starts

@@ -26,11 +26,11 @@ import time
 import optuna
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import fathom_tune.storage.checkpoint
 from _toy import toy_task
 
 import baselines
 import fathom_tune
-import fathom_tune.checkpoint
 from fathom_tune.engine import Engine
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -63,7 +63,7 @@ def fathom(storage: str, checkpoint: str, num_rounds: str, stall: str) -> None:
 
         Engine.run_round = run_round
     elif stall == "write":  # hang after rounds up to STALL_ROUND - 1 were committed, before their checkpoint
-        real_save = fathom_tune.checkpoint.save_run
+        real_save = fathom_tune.storage.checkpoint.save_run
 
         def save_run(path, *, progress, **kwargs):
             if progress.state.round >= STALL_ROUND - 1:
@@ -71,7 +71,7 @@ def fathom(storage: str, checkpoint: str, num_rounds: str, stall: str) -> None:
                 _hang()
             return real_save(path, progress=progress, **kwargs)
 
-        fathom_tune.checkpoint.save_run = save_run
+        fathom_tune.storage.checkpoint.save_run = save_run
     fathom_tune.optimize(
         toy_task(),
         num_rounds=int(num_rounds),
@@ -88,13 +88,13 @@ def baseline(
     storage: str, checkpoint_dir: str, worker: str, budget_rounds: str, stall: str
 ) -> None:
     if stall == "1":
-        real = fathom_tune.checkpoint.save_run
+        real = fathom_tune.storage.checkpoint.save_run
 
         def save_then_hang(*args, **kwargs):
             real(*args, **kwargs)
             _hang()
 
-        fathom_tune.checkpoint.save_run = save_then_hang
+        fathom_tune.storage.checkpoint.save_run = save_then_hang
     # Widen the moment between a stale trial's FAIL and its retry's creation
     # (two transactions) so that other workers act inside it.
     real_retry = optuna.storages.RetryHeartbeatStaleTrialCallback.__call__

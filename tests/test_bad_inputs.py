@@ -31,7 +31,7 @@ from _toy import mlp_model, toy_task
 import baselines
 import fathom_tune
 from fathom_tune import Bounds, CheckpointError, Engine, FathomConfig, HParams, Target, tasks
-from fathom_tune.checkpoint import FORMAT_VERSION, save_checkpoint
+from fathom_tune.storage.checkpoint import FORMAT_VERSION, save_checkpoint
 from fathom_tune.tasks import fedjax_cache
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ MODULES = _modules_with_examples()
 
 def test_the_packages_have_examples_to_run():
     assert len(MODULES) >= 30
-    assert "fathom_tune._rounds" in MODULES and "baselines._objective" in MODULES
+    assert "fathom_tune.engine.batching" in MODULES and "baselines._objective" in MODULES
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -15,7 +15,7 @@ training run:
   sampler with one trial per round, for any federated loop;
 * :mod:`~fathom_tune.fathom.optimize`: :func:`optimize`, one run on the
   project's engine recorded through :mod:`fathom_tune.record` (its side of
-  the round loop: ``fathom_tune.fathom._schedule``);
+  the round loop: ``fathom_tune.fathom.schedule``);
 * :mod:`~fathom_tune.fathom.tuner`: :class:`Fathom`, the registered tuner.
 """
 
@@ -37,7 +37,7 @@ from fathom_tune.fathom.optimize import optimize
 from fathom_tune.fathom.tuner import Fathom
 # isort: on
 
-from fathom_tune import tuners as _tuners
+from fathom_tune.tuning import registry as _tuners
 
 _tuners.register(Fathom())
 

@@ -18,23 +18,28 @@ import pathlib
 
 import optax
 
-from fathom_tune import checkpoint as ckpt
-from fathom_tune import checks, record
-from fathom_tune._one_run import FLUSH_SECONDS, RoundWriter, open_study, refuse_orphan_checkpoint
+from fathom_tune import checks
 from fathom_tune.engine import FEDAVG_SERVER, Engine
-from fathom_tune.fathom._schedule import ROUND_HEADER, FathomSchedule
 from fathom_tune.fathom.hypergrad import (
     LocalAgreement,
     TrackedState,
     track_agreement,
 )
 from fathom_tune.fathom.sampler import FathomSampler
+from fathom_tune.fathom.schedule import ROUND_HEADER, FathomSchedule
 from fathom_tune.fathom.state import FathomConfig
 from fathom_tune.hparams import NAMES
-from fathom_tune.loop import Progress, run
-from fathom_tune.storage import open_storage
+from fathom_tune.storage import checkpoint as ckpt
+from fathom_tune.storage import open_storage, record
 from fathom_tune.task import Task
-from fathom_tune.tuners import TuningResult
+from fathom_tune.tuning.driver import (
+    FLUSH_SECONDS,
+    RoundWriter,
+    open_study,
+    refuse_orphan_checkpoint,
+)
+from fathom_tune.tuning.loop import Progress, run
+from fathom_tune.tuning.tuner import TuningResult
 
 __all__ = ["ROUND_HEADER", "optimize"]
 

@@ -32,10 +32,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fathom_tune.fathom.state import FathomConfig, next_hparams
 from fathom_tune.hparams import NAMES, Bounds, HParams
-from fathom_tune.record import FATHOM_DIVERGED as DIVERGED_ATTR
-from fathom_tune.record import FATHOM_G as G_ATTR
-from fathom_tune.record import FATHOM_H as H_ATTR
-from fathom_tune.record import FATHOM_REJECTED as REJECTED_ATTR
+from fathom_tune.storage.record import FATHOM_DIVERGED as DIVERGED_ATTR
+from fathom_tune.storage.record import FATHOM_G as G_ATTR
+from fathom_tune.storage.record import FATHOM_H as H_ATTR
+from fathom_tune.storage.record import FATHOM_REJECTED as REJECTED_ATTR
 
 __all__ = [
     "DIVERGED_LR_FACTOR",

@@ -8,7 +8,8 @@ import optax
 
 from fathom_tune.fathom.optimize import optimize
 from fathom_tune.fathom.state import FathomConfig
-from fathom_tune.tuners import Request, Tuner, TuningResult, one_run_storage
+from fathom_tune.tuning.driver import one_run_storage
+from fathom_tune.tuning.tuner import Request, Tuner, TuningResult
 
 __all__ = ["Fathom"]
 

@@ -55,10 +55,10 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
 from fathom_tune import checks
-from fathom_tune._xla_options import compiler_options
+from fathom_tune.engine import batch_indices, client_rng
+from fathom_tune.engine.xla_options import compiler_options
 from fathom_tune.fathom import ClientTracker
 from fathom_tune.flower import protocol
-from fathom_tune.engine import batch_indices, client_rng
 from fathom_tune.hparams import HParams
 
 __all__ = [

@@ -3,7 +3,7 @@
 FATHOM ("Federated Hypergradient Descent", A. K. Kan, arXiv 2211.02106)
 keeps two things besides the study's trials: the model and the moving
 average ``m`` of global updates. :func:`save` writes both after every round
-(atomically, :func:`fathom_tune.checkpoint.save_checkpoint`) together with
+(atomically, :func:`fathom_tune.storage.checkpoint.save_checkpoint`) together with
 the round's pending ``tell``; :func:`restore` reads them back and reconciles
 the study: the round saved but not told is told, a round a killed server
 left running is failed and marked stale (the resumed run redoes it).
@@ -18,8 +18,8 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from fathom_tune import checkpoint as ckpt
-from fathom_tune import record
+from fathom_tune.storage import checkpoint as ckpt
+from fathom_tune.storage import record
 
 __all__ = ["CHECKPOINT_KIND", "RunState", "restore", "save"]
 

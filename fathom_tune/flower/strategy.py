@@ -38,8 +38,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from optuna.trial import TrialState
 
-from fathom_tune import checkpoint as ckpt
-from fathom_tune import checks, record
+from fathom_tune import checks
 from fathom_tune.engine import Cost
 from fathom_tune.fathom import (
     FathomConfig,
@@ -52,7 +51,8 @@ from fathom_tune.flower import protocol, resume
 from fathom_tune.flower.rounds import RoundReport
 from fathom_tune.flower.server import aggregate, collect, round_cost, sample_nodes
 from fathom_tune.hparams import Bounds, HParams
-from fathom_tune.storage import open_storage
+from fathom_tune.storage import checkpoint as ckpt
+from fathom_tune.storage import open_storage, record
 from fathom_tune.task import Target, Task
 
 __all__ = ["TUNER", "FathomFedAvg"]

@@ -36,9 +36,9 @@ from fathom_tune.peers.tuners import FedHyper
 from fathom_tune.peers.tuners import fedex_candidates
 # isort: on
 
-from fathom_tune import tuners as _tuners
 from fathom_tune.fathom import Fathom as _Fathom
 from fathom_tune.peers.tuners import _SERVER_RULES
+from fathom_tune.tuning import registry as _tuners
 
 for _tuner in (
     FedEx("fedex"),

@@ -5,7 +5,7 @@ learns from each round's result and holds state that a checkpoint saves) and
 a :class:`OneRunTuner` (its name, settings and engine options). The run is
 the project's one round loop (:func:`fathom_tune.loop.run`), recorded through
 :mod:`fathom_tune.record` and checkpointed through
-:mod:`fathom_tune.checkpoint` as FATHOM's run is: a run cut off mid-way and
+:mod:`fathom_tune.storage.checkpoint` as FATHOM's run is: a run cut off mid-way and
 run again ends as an uninterrupted run would.
 """
 
@@ -18,24 +18,25 @@ import functools
 import logging
 import math
 
-from fathom_tune import _one_run, checks, record
-from fathom_tune import checkpoint as ckpt
+from fathom_tune import checks
 from fathom_tune.engine import Engine, RoundResult
 from fathom_tune.hparams import ClientHParams, HParams
-from fathom_tune.loop import Outcome, Progress, run
-from fathom_tune.storage import open_storage
+from fathom_tune.storage import checkpoint as ckpt
+from fathom_tune.storage import open_storage, record
 from fathom_tune.task import Task
-from fathom_tune.tuners import Request, Tuner, TuningResult, one_run_storage
+from fathom_tune.tuning import driver
+from fathom_tune.tuning.loop import Outcome, Progress, run
+from fathom_tune.tuning.tuner import Request, Tuner, TuningResult
 
 __all__ = ["FLUSH_SECONDS", "OneRunTuner", "PeerSchedule", "run_peer"]
 
 _log = logging.getLogger(__name__)
 
-FLUSH_SECONDS = _one_run.FLUSH_SECONDS
+FLUSH_SECONDS = driver.FLUSH_SECONDS
 """Rounds are written to the storage in batches, one transaction per batch (then the
 checkpoint): after the first round that ends at least this long after the last
 write, at the end of the run, and on an interrupt or error
-(:class:`fathom_tune._one_run.RoundWriter`)."""
+(:class:`fathom_tune.tuning.driver.RoundWriter`)."""
 
 
 class PeerSchedule(abc.ABC):
@@ -172,10 +173,10 @@ def run_peer(
             path, kind=kind, fingerprint=fingerprint, state=engine.init(), templates=schedule.trees()
         )
         schedule.restore(trees)
-        _one_run.refuse_orphan_checkpoint(path, storage)
+        driver.refuse_orphan_checkpoint(path, storage)
     opened = open_storage(storage)
     with ckpt.exclusive(path) if path is not None else contextlib.nullcontext():
-        study, recorded = _one_run.open_study(
+        study, recorded = driver.open_study(
             opened,
             name=name,
             resume=resume,
@@ -192,7 +193,7 @@ def run_peer(
         def save(done: Progress, trees: dict) -> None:
             ckpt.save_run(path, kind=kind, fingerprint=fingerprint, progress=done, trees=trees)
 
-        with _one_run.RoundWriter(
+        with driver.RoundWriter(
             study,
             looped,
             None if path is None else save,
@@ -245,7 +246,7 @@ class OneRunTuner(Tuner, abc.ABC):
 
     def tune(self, request: Request) -> TuningResult:
         name = request.study_name(self.name)
-        opened, path, finished = one_run_storage(request, name)
+        opened, path, finished = driver.one_run_storage(request, name)
         if finished is not None:
             return finished
         return run_peer(

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import optax
 
-from fathom_tune import checks, record
+from fathom_tune import checks
 from fathom_tune.engine import Engine, RoundResult
 from fathom_tune.fathom.sampler import DIVERGED_LR_FACTOR
 from fathom_tune.hparams import NAMES, ClientHParams, HParams
@@ -42,6 +42,7 @@ from fathom_tune.peers.fedhyper import (
     keep_update,
     sl_step,
 )
+from fathom_tune.storage import record
 
 __all__ = ["FEDHYPER_VARIANTS", "FedEx", "FedHyper", "fedex_candidates"]
 

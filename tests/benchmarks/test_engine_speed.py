@@ -17,8 +17,8 @@ from fedjax.algorithms import fed_avg
 
 import fathom_tune
 from fathom_tune import Bounds, HParams, Target, Task
-from fathom_tune._xla_options import compiler_options as engine_compiler_options
 from fathom_tune.engine import Engine, bucket_size
+from fathom_tune.engine.xla_options import compiler_options as engine_compiler_options
 
 ROUNDS = 5
 

@@ -1,0 +1,359 @@
+"""The run record's schema and writers: one schema for every tuner's Optuna study.
+
+Every tuner (FATHOM, the Optuna baselines, and any tuner registered in
+:mod:`fathom_tune.tuners`) records its run in an Optuna study through this
+module, and every report reads runs back through
+:func:`fathom_tune.storage.reader.read_run` without
+asking which tuner wrote them. The keys below are the whole schema.
+
+A study is named ``<task>/<tuner>/seed<k>`` (:func:`study_name`). Its
+*trials* are its steps: one trial per communication round for tuners that
+adapt during one run (``unit = "round"``: FATHOM), one trial per training run
+for search over static hyperparameters (``unit = "run"``: the baselines).
+Each trial records what it spent (:data:`COST`) and the validation
+evaluations that happened in it (:data:`EVALS`), each at the rounds and
+client examples the trial had spent by then. The reader adds the trials up
+in number order, so the cumulative cost of every evaluation, the whole-run
+ledger and the cost to a target come out the same way for every tuner.
+
+Example:
+    >>> import optuna
+    >>> from fathom_tune.engine import Cost
+    >>> from fathom_tune.storage.reader import read_run
+    >>> study = optuna.create_study(study_name="digits/demo/seed0", direction="maximize")
+    >>> write_header(study, task="digits", tuner="demo", seed=0, unit="run",
+    ...              target=Target("accuracy", 0.9), rounds_per_run=2, budget_rounds=4)
+    >>> for rounds, acc in ((2, 0.5), (2, 0.95)):
+    ...     t = study.ask()
+    ...     write_step(t, cost=Cost(rounds=rounds, examples=10 * rounds),
+    ...                evals=[evaluation(rounds, 10 * rounds, {"accuracy": acc})])
+    ...     _ = study.tell(t, acc)
+    >>> run = read_run(study)
+    >>> run.cost_to_target(), run.ledger.rounds, list(run.evaluations["rounds"])
+    ((4, 40), 4, [2, 4])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import re
+import warnings
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from fathom_tune.engine import Cost
+from fathom_tune.hparams import HParams
+from fathom_tune.task import Target
+
+__all__ = [
+    "BUDGET_EXAMPLES",
+    "BUDGET_ROUNDS",
+    "CHOSEN_TRIAL",
+    "CONFIG",
+    "COST",
+    "DIVERGED",
+    "EVALS",
+    "FATHOM_DIVERGED",
+    "FATHOM_G",
+    "FATHOM_H",
+    "FATHOM_REJECTED",
+    "FEDEX_ARMS",
+    "FEDEX_BASELINE",
+    "FEDEX_CANDIDATES",
+    "FEDEX_EXPLORING",
+    "FEDEX_THETA",
+    "FEDHYPER_A",
+    "FEDHYPER_BETA",
+    "FEDHYPER_BETA_MEAN",
+    "HPARAMS",
+    "INTERRUPTED",
+    "LEDGER",
+    "LOCAL_STEPS",
+    "NOT_RUN",
+    "RESERVED_EXAMPLES",
+    "RESERVED_ROUNDS",
+    "ROUND",
+    "ROUNDS_PER_RUN",
+    "STALE",
+    "TEST",
+    "UNITS",
+    "VALIDATION",
+    "WALL",
+    "WORKER",
+    "add_wall_time",
+    "evaluation",
+    "finished_rounds",
+    "mark_stale",
+    "round_trial",
+    "step_cost",
+    "study_name",
+    "write_header",
+    "write_outcome",
+    "write_step",
+]
+
+# ---------------------------------------------------------------- study attrs
+TASK, TUNER, SEED, VERSION = "task", "tuner", "seed", "version"
+TARGET_METRIC, TARGET_VALUE, TARGET_MODE = "target_metric", "target_value", "target_mode"
+UNIT = "unit"
+"""What one trial is: ``"round"`` (one communication round) or ``"run"`` (one training run)."""
+UNITS = ("round", "run")
+ROUNDS_PER_RUN = "rounds_per_run"
+"""Rounds of one training run (FATHOM's whole run; each baseline trial)."""
+BUDGET_ROUNDS, BUDGET_EXAMPLES = "budget_rounds", "budget_examples"
+CONFIG = "config"
+"""The tuner's own settings (a JSON dict), shown in reports."""
+LEDGER = "ledger"
+"""The whole run's :class:`~fathom_tune.engine.Cost`, written by the tuner when it finishes."""
+HPARAMS = "hparams"
+"""The hyperparameters the tuner returns (a dict of the three names)."""
+VALIDATION, TEST = "validation", "test"
+"""Validation and test metrics of the model the tuner returns (dicts)."""
+WALL = "wall"
+"""What the run took: ``{"seconds", "compile_seconds"}`` summed over every process that
+worked on it (each :meth:`fathom_tune.tuners.Tuner.run` call adds its own, interrupted
+ones too), JAX compilation included in ``seconds`` and shown apart."""
+
+# ---------------------------------------------------------------- trial attrs
+COST = "cost"
+"""What the trial spent: a :class:`~fathom_tune.engine.Cost` as a dict."""
+EVALS = "evals"
+"""The trial's validation evaluations: ``[{"rounds", "examples", "val_<metric>"...}]``,
+``rounds``/``examples`` counted from the trial's start."""
+ROUND = "round"
+"""The 0-based communication round a ``unit = "round"`` trial recorded."""
+STALE = "stale"
+"""``True`` on a trial left RUNNING by a killed process and failed when the run resumed."""
+INTERRUPTED = "interrupted"
+"""``True`` on a trial an interrupt (Ctrl-C, SIGTERM) left RUNNING; a re-run continues it in place."""
+DIVERGED = "diverged"
+"""``True`` when the trial's training hit a non-finite loss or update."""
+LOCAL_STEPS = "local_steps"
+"""Local SGD steps of a round, summed over its clients."""
+
+# FATHOM's rounds (read by FathomSampler; see fathom_tune.fathom)
+FATHOM_G = "fathom.G"
+"""The round's local hypergradient ``G = sum_i w_i phi_i``."""
+FATHOM_H = "fathom.H"
+"""The round's global hypergradient ``H = cos(m, u)``."""
+FATHOM_DIVERGED = "fathom.diverged"
+"""``True``: the round diverged; the next round halves its learning rate."""
+FATHOM_REJECTED = "fathom.rejected"
+"""Trial *system* attr: why FathomSampler refused a completed round."""
+
+# the one-run peers' rounds (see fathom_tune.peers)
+FEDEX_ARMS = "fedex.arms"
+"""Each sampled client's configuration in a FedEx round: ``[[eta, E, B], ...]``."""
+FEDEX_THETA = "fedex.theta"
+"""FedEx's distribution after the round: ``{name: [probability per arm]}``."""
+FEDEX_CANDIDATES = "fedex.candidates"
+"""Study attr of a FedEx run: its arms, ``{name: [value per arm]}``."""
+FEDEX_BASELINE = "fedex.baseline"
+"""The baseline ``lambda_t`` a FedEx round's gradient used."""
+FEDEX_EXPLORING = "fedex.exploring"
+"""Whether FedEx still samples its clients' arms after the round (False: past its entropy cutoff)."""
+FEDHYPER_A = "fedhyper.a"
+"""FedHyper's accumulated hypergradient ``a_t`` after the round (the server step is ``1 + a_t``;
+for SL the clients' rate is ``eta_0 (1 + a_t)``)."""
+FEDHYPER_BETA = "fedhyper.beta"
+"""FedHyper-CL: each sampled client's factor ``beta`` on ``eta_0`` after its last local step."""
+FEDHYPER_BETA_MEAN = "fedhyper.beta_mean"
+"""FedHyper-CL: the mean of the round's :data:`FEDHYPER_BETA` (a history column)."""
+
+# search baselines' trials (see baselines)
+NOT_RUN = "not_run"
+"""A trial the budget refused: ``{"reason", "budget"}``; it cost nothing."""
+WORKER = "worker"
+"""The index of the worker process that ran the trial."""
+RESERVED_ROUNDS, RESERVED_EXAMPLES = "reserved_rounds", "reserved_examples"
+"""What a running trial holds of the budget (its full cost, known before it runs)."""
+CHOSEN_TRIAL = "chosen_trial"
+"""Study attr of a ``unit = "run"`` study: the number of the trial it returns."""
+
+_NAME = re.compile(r"^(?P<task>[^/]+)/(?P<tuner>[^/]+)/seed(?P<seed>\d+)$")
+_COST_FIELDS = tuple(f.name for f in dataclasses.fields(Cost))
+
+
+def study_name(task_name: str, tuner: str, seed: int) -> str:
+    """The study naming convention, ``<task>/<tuner>/seed<k>``.
+
+    >>> study_name("digits", "fathom", 0)
+    'digits/fathom/seed0'
+    """
+    return f"{task_name}/{tuner}/seed{seed}"
+
+
+# -------------------------------------------------------------------- writers
+def _set_attrs(study: optuna.Study, attrs: dict) -> None:
+    from fathom_tune.storage.bulk import set_study_attrs
+
+    current = study.user_attrs
+    set_study_attrs(study, {key: value for key, value in attrs.items() if current.get(key) != value})
+
+
+def write_header(
+    study: optuna.Study,
+    *,
+    task: str,
+    tuner: str,
+    seed: int,
+    unit: str,
+    target: Target,
+    rounds_per_run: int,
+    budget_rounds: int,
+    budget_examples: int | None = None,
+    config: dict | None = None,
+    objective: str | None = None,
+) -> None:
+    """Records what the study is; call before its first step (idempotent).
+
+    ``objective`` names what a trial's value is (``study.set_metric_names``;
+    the dashboard labels its plots with it), e.g. ``"train_loss"``.
+    """
+    from fathom_tune import __version__
+
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+    _set_attrs(
+        study,
+        {
+            TASK: task,
+            TUNER: tuner,
+            SEED: seed,
+            UNIT: unit,
+            VERSION: __version__,
+            TARGET_METRIC: target.metric,
+            TARGET_VALUE: target.value,
+            TARGET_MODE: target.mode,
+            ROUNDS_PER_RUN: rounds_per_run,
+            BUDGET_ROUNDS: budget_rounds,
+            BUDGET_EXAMPLES: budget_examples,
+            CONFIG: config or {},
+        },
+    )
+    if objective is not None and study.metric_names != [objective]:
+        with warnings.catch_warnings():  # experimental in Optuna 3.2-5.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([objective])
+
+
+def write_outcome(
+    study: optuna.Study,
+    *,
+    hparams: HParams | None,
+    validation: dict,
+    test: dict,
+    ledger: Cost,
+) -> None:
+    """Records what the tuner returns and what the whole run spent; call when it finishes."""
+    _set_attrs(
+        study,
+        {
+            HPARAMS: None if hparams is None else hparams.as_dict(),
+            VALIDATION: _plain(validation),
+            TEST: _plain(test),
+            LEDGER: ledger.as_dict(),
+        },
+    )
+
+
+def add_wall_time(study: optuna.Study, *, seconds: float, compile_seconds: float) -> None:
+    """Adds one process's wall time on the run (and the part of it spent compiling)."""
+    before = study.user_attrs.get(WALL) or {"seconds": 0.0, "compile_seconds": 0.0}
+    study.set_user_attr(
+        WALL,
+        {"seconds": before["seconds"] + seconds, "compile_seconds": before["compile_seconds"] + compile_seconds},
+    )
+
+
+def evaluation(rounds: int, examples: int, metrics: dict) -> dict:
+    """One :data:`EVALS` entry: validation ``metrics`` after ``rounds`` and ``examples``.
+
+    >>> evaluation(5, 100, {"accuracy": 0.5})
+    {'rounds': 5, 'examples': 100, 'val_accuracy': 0.5}
+    """
+    return {"rounds": int(rounds), "examples": int(examples), **_plain({f"val_{k}": v for k, v in metrics.items()})}
+
+
+def write_step(trial, *, cost: Cost, evals: list[dict], **attrs) -> None:
+    """Records a trial's cost, its evaluations (:func:`evaluation`) and further user attrs."""
+    for key, value in {COST: cost.as_dict(), EVALS: list(evals), **attrs}.items():
+        trial.set_user_attr(key, value)
+
+
+def round_trial(
+    *,
+    round_index: int,
+    hparams: HParams,
+    bounds,
+    value: float | None,
+    cost: Cost,
+    evals: list[dict],
+    **attrs,
+) -> FrozenTrial:
+    """One finished round of a ``unit = "round"`` study as a trial template (for
+    ``study.add_trial`` or a batch of :func:`fathom_tune.storage.bulk.add_trials`).
+
+    Its params are ``hparams`` (log-scale distributions over ``bounds``), its
+    value the round's training loss, or ``value=None`` for a diverged round
+    (the trial FAILs and is marked :data:`DIVERGED`).
+    """
+    distributions = {
+        n: optuna.distributions.FloatDistribution(getattr(bounds.lower, n), getattr(bounds.upper, n), log=True)
+        for n in hparams.as_dict()
+    }
+    user_attrs = {ROUND: int(round_index), COST: cost.as_dict(), EVALS: list(evals), **attrs}
+    if value is None:
+        user_attrs[DIVERGED] = True
+    return optuna.trial.create_trial(
+        state=TrialState.FAIL if value is None else TrialState.COMPLETE,
+        value=None if value is None else float(value),
+        params=hparams.as_dict(),
+        distributions=distributions,
+        user_attrs=user_attrs,
+    )
+
+
+def mark_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Fails a round that a killed process left RUNNING and marks it :data:`STALE`
+    (the resumed run does that round again; the stale trial counts nothing)."""
+    study._storage.set_trial_user_attr(trial._trial_id, STALE, True)
+    study.tell(trial.number, state=TrialState.FAIL)
+
+
+def finished_rounds(study: optuna.Study, done: int, checkpoint) -> dict[int, FrozenTrial]:
+    """The rounds (``unit = "round"``) the study finished, by :data:`ROUND`, checked
+    against a checkpoint at round ``done``: each of rounds ``0 .. done-1`` must be there.
+
+    Raises:
+        fathom_tune.CheckpointError: a round before the checkpoint is missing
+            (the checkpoint belongs with another storage).
+    """
+    from fathom_tune.storage.checkpoint import CheckpointError
+
+    finished = {
+        int(t.user_attrs[ROUND]): t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        if ROUND in t.user_attrs and not t.user_attrs.get(STALE)
+    }
+    missing = [r for r in range(done) if r not in finished]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(checkpoint)!r} is at round {done} but study {study.study_name!r} has no "
+            f"finished trial for rounds {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+            "resume with the storage the run was started with"
+        )
+    return finished
+
+
+def step_cost(trial: FrozenTrial) -> Cost:
+    """What ``trial`` spent: zero for one that recorded nothing (not run), and for a
+    :data:`STALE` one (killed; its work is redone by the resumed run, which records it)."""
+    recorded = {} if trial.user_attrs.get(STALE) else trial.user_attrs.get(COST) or {}
+    return Cost(**{k: recorded.get(k, 0) for k in _COST_FIELDS})
+
+
+def _plain(values: dict) -> dict:
+    return {k: float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v for k, v in values.items()}
