@@ -11,28 +11,18 @@ import warnings
 from collections.abc import Sequence
 
 import optuna
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from baselines._objective import cheapest_examples, costliest_examples, origin, projected_cost
 from fathom_tune import record
 from fathom_tune.hparams import Bounds, HParams
+from fathom_tune.storage.optuna_internals import retries_stale_trials, trial_system_attrs
 from fathom_tune.task import Task
 
 __all__ = ["RETRY_WAIT", "Budget", "NotRun"]
 
 RETRY_WAIT = 60.0
 """Seconds a trial failed as stale keeps its reservation while its retry is not there."""
-
-
-def _retries_stale_trials(study: optuna.Study) -> bool:
-    """Whether the study's storage fails stale trials and retries them."""
-    storage = study._storage
-    return (
-        isinstance(storage, BaseHeartbeat)
-        and storage.get_heartbeat_interval() is not None
-        and storage.get_heartbeat_stale_trial_callback() is not None
-    )
 
 
 def _awaiting_retry(trials: Sequence[FrozenTrial]) -> set[int]:
@@ -115,7 +105,7 @@ class Budget:
             return f"the grid's {self.max_trials} configurations have all been started"
         if any(t.user_attrs.get(record.NOT_RUN, {}).get("budget") == self.limits for t in trials):
             return "a trial was already refused under this budget"
-        rounds, examples = self.committed(trials, retrying=_retries_stale_trials(study))
+        rounds, examples = self.committed(trials, retrying=retries_stale_trials(study))
         if rounds + self.task.num_rounds > self.rounds:
             return (
                 f"{self.rounds - rounds} of budget_rounds={self.rounds} left, "
@@ -136,10 +126,10 @@ class Budget:
             trial.set_user_attr(record.RESERVED_EXAMPLES, need.examples)
         trials = trial.study.get_trials(deepcopy=False)
         rounds, examples = self.committed(
-            trials, below=trial.number, retrying=_retries_stale_trials(trial.study)
+            trials, below=trial.number, retrying=retries_stale_trials(trial.study)
         )
         reason = None
-        retry = "retry_history" in trial.study._storage.get_trial_system_attrs(trial._trial_id)
+        retry = "retry_history" in trial_system_attrs(trial)
         if self.max_trials is not None and trial.number >= self.max_trials and not retry:
             reason = f"the grid's {self.max_trials} configurations have all been started"
         elif rounds + need.rounds > self.rounds:

@@ -44,7 +44,6 @@ import math
 import warnings
 
 import optuna
-from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
@@ -56,6 +55,7 @@ from fathom_tune import checks, record
 from fathom_tune.engine import Cost
 from fathom_tune.hparams import NAMES, Bounds, HParams
 from fathom_tune.storage import open_storage
+from fathom_tune.storage.optuna_internals import resume_trial, trial_heartbeat
 from fathom_tune.task import Task
 from fathom_tune.tuners import TuningResult, result_from_record
 
@@ -246,7 +246,7 @@ def run(
 def _interrupted(study: optuna.Study, worker: int) -> list[optuna.Trial]:
     """This worker's trials that an interrupt left RUNNING, to be continued in place."""
     return [
-        optuna.Trial(study, t._trial_id)
+        resume_trial(study, t)
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if t.user_attrs.get(record.INTERRUPTED) and t.user_attrs.get(record.WORKER) == worker
     ]
@@ -263,7 +263,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, objective, after_trial)
     worker's trial goes the heartbeat's way instead (failed, then retried).
     """
     state, value = TrialState.COMPLETE, None
-    with get_heartbeat_thread(trial._trial_id, study._storage):
+    with trial_heartbeat(study, trial):
         try:
             value = objective(trial)
         except optuna.TrialPruned:

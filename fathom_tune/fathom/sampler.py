@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fathom_tune.fathom.state import FathomConfig, next_hparams
 from fathom_tune.hparams import NAMES, Bounds, HParams
+from fathom_tune.storage.optuna_internals import set_trial_system_attr, storage_of, study_id_of
 from fathom_tune.storage.record import FATHOM_DIVERGED as DIVERGED_ATTR
 from fathom_tune.storage.record import FATHOM_G as G_ATTR
 from fathom_tune.storage.record import FATHOM_H as H_ATTR
@@ -237,7 +238,7 @@ class FathomSampler(BaseSampler):
         were not finished then: O(1) trials per round of a sequential loop,
         whoever writes them (another process, ``study.add_trial``).
         """
-        storage, study_id = study._storage, study._study_id
+        storage, study_id = storage_of(study), study_id_of(study)
         key = (id(storage), study_id)
         trials = storage.get_all_trials(study_id, deepcopy=False)  # in number order
         seen, open_, decision, number = self._memo.get(key, (0, (), None, -1))
@@ -352,7 +353,7 @@ class FathomSampler(BaseSampler):
             problem = _round_problem(trial)
         if problem is None:
             return
-        study._storage.set_trial_system_attr(trial._trial_id, REJECTED_ATTR, problem)
+        set_trial_system_attr(study, trial, REJECTED_ATTR, problem)
         raise ValueError(
             f"FathomSampler: {problem} Optuna stores the trial as COMPLETE regardless; "
             f"the sampler marks it {REJECTED_ATTR!r} and skips it, so the next round repeats "

@@ -45,6 +45,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fathom_tune.engine import Cost
 from fathom_tune.hparams import HParams
+from fathom_tune.storage.optuna_internals import set_trial_user_attr
 from fathom_tune.task import Target
 
 __all__ = [
@@ -319,7 +320,7 @@ def round_trial(
 def mark_stale(study: optuna.Study, trial: FrozenTrial) -> None:
     """Fails a round that a killed process left RUNNING and marks it :data:`STALE`
     (the resumed run does that round again; the stale trial counts nothing)."""
-    study._storage.set_trial_user_attr(trial._trial_id, STALE, True)
+    set_trial_user_attr(study, trial, STALE, True)
     study.tell(trial.number, state=TrialState.FAIL)
 
 

@@ -36,6 +36,7 @@ from optuna.trial import TrialState
 from fathom_tune.storage import checkpoint as ckpt
 from fathom_tune.storage import open_storage, record
 from fathom_tune.storage.bulk import add_trials, set_study_attrs
+from fathom_tune.storage.optuna_internals import storage_of
 from fathom_tune.storage.reader import read_run
 from fathom_tune.task import Task
 from fathom_tune.tuning.loop import Progress
@@ -228,7 +229,7 @@ class RoundWriter:
         self.study, self.queue, self.save = study, queue, save
         self.num_rounds, self.flush_seconds, self.every = num_rounds, flush_seconds, every
         self.extra, self.label = extra, label
-        self._writes = Writes(threaded=save is not None or not isinstance(study._storage, InMemoryStorage))
+        self._writes = Writes(threaded=save is not None or not isinstance(storage_of(study), InMemoryStorage))
         self._last = time.monotonic()
         self._done: tuple[Progress, object] | None = None
         self._saved = -1  # rounds in the last checkpoint written
