@@ -19,7 +19,7 @@ from fathom_tune import _compat
 
 _compat.apply()  # before anything imports fedjax
 
-__version__ = "0.1.0"
+from fathom_tune._version import __version__
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

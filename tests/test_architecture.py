@@ -209,3 +209,155 @@ def test_studies_never_branch_on_a_tuner_name():
             if isinstance(node, ast.Compare):
                 constants = [c.value for c in ast.walk(node) if isinstance(c, ast.Constant)]
                 assert not set(constants) & set(tuners.names()), f"{path.name}:{node.lineno}"
+
+
+# ------------------------------------------------------------------ the floor plan, as rules
+PACKAGES = ("fathom_tune", "baselines", "studies")
+MAX_LINES = 400
+MAX_TOP_MODULES = 8
+WINGS = {  # a wing may import only wings of a lower floor (and its own)
+    "ground": 0,  # fathom_tune's top modules: hparams, task, checks, _compat, _version
+    "tasks": 1,
+    "engine": 1,
+    "storage": 2,
+    "tuning": 3,
+    "fathom": 4,
+    "peers": 5,
+    "flower": 6,
+}
+ALIASES = {"fathom_tune", "fathom_tune.record", "fathom_tune.tuners", "fathom_tune.loop"}
+"""The names users import (re-exports of the wings): the wings themselves never import them."""
+
+
+def _module_files() -> dict[str, pathlib.Path]:
+    out = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+MODULE_FILES = _module_files()
+
+
+def _edges(name: str, path: pathlib.Path) -> set[str]:
+    """The project modules ``name`` imports, anywhere in it (functions included): ``from a
+    import b`` is an edge to ``a.b`` when that is a module, else to ``a``."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULE_FILES else base for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in MODULE_FILES:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                out.add(target)
+    return out
+
+
+GRAPH = {name: _edges(name, path) for name, path in MODULE_FILES.items()}
+
+
+def _wing(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "fathom_tune" or module in ALIASES:
+        return None
+    return parts[1] if len(parts) > 2 or parts[1] in WINGS else "ground"
+
+
+def test_the_rule_helpers_see_the_real_imports():
+    # checks against imports read by eye: a function-level import counts, a re-export resolves
+    assert "fathom_tune.engine.simulator" in GRAPH["fathom_tune.engine"]
+    assert "fathom_tune.hparams" in GRAPH["fathom_tune.engine.simulator"]
+    assert "fathom_tune.checks" in GRAPH["fathom_tune.hparams"]
+    assert _wing("fathom_tune.storage.record") == "storage" and _wing("fathom_tune.hparams") == "ground"
+    assert _wing("fathom_tune.record") is None
+
+
+def test_no_module_is_over_400_lines():
+    long = {
+        name: n
+        for name, path in MODULE_FILES.items()
+        if (n := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert long == {}, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_at_most_eight_modules_at_the_top_of_the_package():
+    top = sorted(p.name for p in (ROOT / "fathom_tune").glob("*.py") if p.name != "__init__.py")
+    assert len(top) <= MAX_TOP_MODULES, top
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_finds_a_cycle_and_accepts_a_chain():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_no_import_cycles():
+    assert _cycles(GRAPH) == []
+
+
+def test_no_private_module_is_imported_from_outside_its_own_package():
+    leaks = []
+    for name, targets in GRAPH.items():
+        for target in targets:
+            parts = target.split(".")
+            private = [i for i, part in enumerate(parts) if part.startswith("_")]
+            owner = ".".join(parts[: private[0]]) if private else None
+            if owner is not None and name != owner and not name.startswith(owner + "."):
+                leaks.append(f"{name} imports {target}")
+    assert leaks == []
+
+
+def test_wings_import_only_lower_floors_and_never_the_user_aliases():
+    wrong = []
+    for name, targets in GRAPH.items():
+        wing = _wing(name)
+        if wing is None:
+            continue
+        for target in targets:
+            if target in ALIASES:
+                wrong.append(f"{name} imports the alias {target}")
+            elif (other := _wing(target)) and other != wing and WINGS.get(other, 0) >= WINGS.get(wing, 0):
+                wrong.append(f"{name} ({wing}) imports {target} ({other})")
+    assert wrong == []

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import numbers
 import re
 import warnings
@@ -43,8 +44,9 @@ import warnings
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from fathom_tune._version import __version__
 from fathom_tune.engine import Cost
-from fathom_tune.hparams import HParams
+from fathom_tune.hparams import ClientHParams, HParams
 from fathom_tune.storage.optuna_internals import set_trial_user_attr
 from fathom_tune.task import Target
 
@@ -56,18 +58,6 @@ __all__ = [
     "COST",
     "DIVERGED",
     "EVALS",
-    "FATHOM_DIVERGED",
-    "FATHOM_G",
-    "FATHOM_H",
-    "FATHOM_REJECTED",
-    "FEDEX_ARMS",
-    "FEDEX_BASELINE",
-    "FEDEX_CANDIDATES",
-    "FEDEX_EXPLORING",
-    "FEDEX_THETA",
-    "FEDHYPER_A",
-    "FEDHYPER_BETA",
-    "FEDHYPER_BETA_MEAN",
     "HPARAMS",
     "INTERRUPTED",
     "LEDGER",
@@ -84,8 +74,10 @@ __all__ = [
     "WALL",
     "WORKER",
     "add_wall_time",
+    "diverged",
     "evaluation",
     "finished_rounds",
+    "log_distributions",
     "mark_stale",
     "round_trial",
     "step_cost",
@@ -134,34 +126,10 @@ DIVERGED = "diverged"
 LOCAL_STEPS = "local_steps"
 """Local SGD steps of a round, summed over its clients."""
 
-# FATHOM's rounds (read by FathomSampler; see fathom_tune.fathom)
-FATHOM_G = "fathom.G"
-"""The round's local hypergradient ``G = sum_i w_i phi_i``."""
-FATHOM_H = "fathom.H"
-"""The round's global hypergradient ``H = cos(m, u)``."""
-FATHOM_DIVERGED = "fathom.diverged"
-"""``True``: the round diverged; the next round halves its learning rate."""
-FATHOM_REJECTED = "fathom.rejected"
-"""Trial *system* attr: why FathomSampler refused a completed round."""
-
-# the one-run peers' rounds (see fathom_tune.peers)
-FEDEX_ARMS = "fedex.arms"
-"""Each sampled client's configuration in a FedEx round: ``[[eta, E, B], ...]``."""
-FEDEX_THETA = "fedex.theta"
-"""FedEx's distribution after the round: ``{name: [probability per arm]}``."""
-FEDEX_CANDIDATES = "fedex.candidates"
-"""Study attr of a FedEx run: its arms, ``{name: [value per arm]}``."""
-FEDEX_BASELINE = "fedex.baseline"
-"""The baseline ``lambda_t`` a FedEx round's gradient used."""
-FEDEX_EXPLORING = "fedex.exploring"
-"""Whether FedEx still samples its clients' arms after the round (False: past its entropy cutoff)."""
-FEDHYPER_A = "fedhyper.a"
-"""FedHyper's accumulated hypergradient ``a_t`` after the round (the server step is ``1 + a_t``;
-for SL the clients' rate is ``eta_0 (1 + a_t)``)."""
-FEDHYPER_BETA = "fedhyper.beta"
-"""FedHyper-CL: each sampled client's factor ``beta`` on ``eta_0`` after its last local step."""
-FEDHYPER_BETA_MEAN = "fedhyper.beta_mean"
-"""FedHyper-CL: the mean of the round's :data:`FEDHYPER_BETA` (a history column)."""
+# A tuner's own keys live with the tuner and are named ``<tuner>.<key>``
+# (FATHOM's in fathom_tune.fathom.sampler, FedEx's in fathom_tune.peers.fedex,
+# FedHyper's in fathom_tune.peers.fedhyper); a tuner that marks a diverged round
+# its own way names that mark ``<tuner>.diverged`` (see diverged()).
 
 # search baselines' trials (see baselines)
 NOT_RUN = "not_run"
@@ -213,8 +181,6 @@ def write_header(
     ``objective`` names what a trial's value is (``study.set_metric_names``;
     the dashboard labels its plots with it), e.g. ``"train_loss"``.
     """
-    from fathom_tune import __version__
-
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
     _set_attrs(
@@ -284,36 +250,65 @@ def write_step(trial, *, cost: Cost, evals: list[dict], **attrs) -> None:
         trial.set_user_attr(key, value)
 
 
+def diverged(attrs: dict) -> bool:
+    """Whether a trial's user ``attrs`` mark it diverged: :data:`DIVERGED`, or a tuner's own
+    mark ``<tuner>.diverged`` (FATHOM's ``fathom.diverged``, which its sampler reads).
+
+    >>> diverged({DIVERGED: True}), diverged({"fathom.diverged": True}), diverged({"fathom.G": 0.5})
+    (True, True, False)
+    """
+    return bool(attrs.get(DIVERGED)) or any(bool(v) for k, v in attrs.items() if k.endswith("." + DIVERGED))
+
+
+def log_distributions(bounds) -> dict[str, optuna.distributions.FloatDistribution]:
+    """The three hyperparameters as log-scale distributions over ``bounds``
+    (the params of every ``unit = "round"`` trial)."""
+    lower, upper = bounds.lower, bounds.upper
+    return {
+        n: optuna.distributions.FloatDistribution(getattr(lower, n), getattr(upper, n), log=True)
+        for n in lower.as_dict()
+    }
+
+
 def round_trial(
     *,
     round_index: int,
-    hparams: HParams,
-    bounds,
+    hparams: HParams | ClientHParams,
+    distributions: dict,
     value: float | None,
     cost: Cost,
     evals: list[dict],
+    started: datetime.datetime | None = None,
+    completed: datetime.datetime | None = None,
     **attrs,
 ) -> FrozenTrial:
     """One finished round of a ``unit = "round"`` study as a trial template (for
-    ``study.add_trial`` or a batch of :func:`fathom_tune.storage.bulk.add_trials`).
+    ``study.add_trial`` or a batch of :func:`fathom_tune.storage.bulk.add_trials`):
+    the one template of every one-run tuner's rounds.
 
-    Its params are ``hparams`` (log-scale distributions over ``bounds``), its
-    value the round's training loss, or ``value=None`` for a diverged round
-    (the trial FAILs and is marked :data:`DIVERGED`).
+    Its params are ``hparams`` (``distributions``: :func:`log_distributions`),
+    its value the round's training loss, or ``value=None`` for a diverged
+    round: the trial FAILs and, unless ``attrs`` mark it the tuner's own way
+    (:func:`diverged`), is marked :data:`DIVERGED`. Its user attrs are
+    :data:`ROUND`, :data:`COST`, :data:`EVALS` and ``attrs``, in that order;
+    ``started``/``completed`` default to now.
     """
-    distributions = {
-        n: optuna.distributions.FloatDistribution(getattr(bounds.lower, n), getattr(bounds.upper, n), log=True)
-        for n in hparams.as_dict()
-    }
     user_attrs = {ROUND: int(round_index), COST: cost.as_dict(), EVALS: list(evals), **attrs}
-    if value is None:
+    if value is None and not diverged(attrs):
         user_attrs[DIVERGED] = True
-    return optuna.trial.create_trial(
+    now = datetime.datetime.now() if started is None or completed is None else None
+    return FrozenTrial(
+        number=0,
+        trial_id=0,
         state=TrialState.FAIL if value is None else TrialState.COMPLETE,
         value=None if value is None else float(value),
+        datetime_start=started or now,
+        datetime_complete=completed or now,
         params=hparams.as_dict(),
         distributions=distributions,
         user_attrs=user_attrs,
+        system_attrs={},
+        intermediate_values={},
     )
 
 

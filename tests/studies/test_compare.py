@@ -270,7 +270,9 @@ def test_a_user_registered_tuner_shows_up_in_the_report(tmp_path, monkeypatch):
     from fathom_tune.fathom import Fathom
 
     # the registry as it was, after the test (other tests list the registered names)
-    monkeypatch.setattr(fathom_tune.tuners, "_REGISTERED", dict(fathom_tune.tuners._REGISTERED))
+    from fathom_tune.tuning import registry
+
+    monkeypatch.setattr(registry, "_REGISTERED", dict(registry._REGISTERED))
 
     fast = Fathom(name="fathom-fast", config=fathom_tune.FathomConfig(gamma_learning_rate=0.05))
     sha2 = baselines.Baseline("tpe+sha2", baselines.TPE(), baselines.SuccessiveHalving(reduction_factor=2))
