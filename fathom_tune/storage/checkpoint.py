@@ -27,26 +27,11 @@ disk, and renamed over it, so a kill at any moment leaves either the old
 checkpoint or the new one, never a torn file.
 
 The history (one row per round) grows with the run, so :func:`save_run`
-keeps it out of the ``.npz``: the rows go to ``<checkpoint>.rows.jsonl``
-(or ``<checkpoint>.rows.alt.jsonl``, see below), one JSON line per row
-(NaN allowed), and the metadata's ``history`` entry records that file's
-suffix and how many rows (``rows``) and how many of its bytes (``bytes``)
-belong to the checkpoint. A save appends only the rows not yet in the file,
-flushes it to disk, and then writes the ``.npz``; its cost does not grow
-with the run. :func:`load_run` reads exactly the recorded bytes and
-refuses a file that holds fewer or that does not parse to the recorded
-number of rows. So a kill at any moment leaves a checkpoint whose rows are
-the ones it records:
-
-- lines past the recorded bytes (a kill between the append and the rename
-  of the ``.npz``, maybe mid-line) are ignored when loading and cut off by
-  the next save;
-- a save that cannot append (a fresh run; a checkpoint replaced since this
-  process last wrote or read it; rows that do not continue the saved ones:
-  fewer of them, or another last one) writes every row anew, into the one
-  of the two files the checkpoint on disk does not use, and deletes the
-  other once the new ``.npz`` is in place, so the old checkpoint stays
-  whole until then.
+keeps it out of the ``.npz``, in an append-only JSON-lines file beside it
+that the checkpoint's metadata records (``history``: the file's suffix, its
+rows and bytes): see :mod:`fathom_tune.storage.history`. A save appends only
+the new rows, so its cost does not grow with the run, and a kill at any
+moment leaves a checkpoint whose rows are the ones it records.
 
 Format version 2 added the history file; version 1 checkpoints, which hold
 the rows in the metadata (``rows``), still load, and their next save moves
@@ -61,7 +46,6 @@ import io
 import json
 import os
 import pathlib
-import threading
 import zipfile
 from collections.abc import Sequence
 
@@ -70,6 +54,8 @@ import jax
 import numpy as np
 
 from fathom_tune.engine import Cost, ServerState
+from fathom_tune.storage import history
+from fathom_tune.storage.durable import CheckpointError, jsonable, sync_directory
 
 __all__ = [
     "FORMAT_VERSION",
@@ -114,26 +100,6 @@ class Progress:
     final_metrics: dict = dataclasses.field(default_factory=dict)
 
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, damaged, or from another run."""
-
-
-def jsonable(value):
-    """``value`` with NumPy scalars (also inside dicts and lists) turned into Python ones.
-
-    >>> jsonable({"a": np.float32(0.5), "b": [np.int64(2)]})
-    {'a': 0.5, 'b': [2]}
-    """
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def _leaves(tree) -> list[np.ndarray]:
     return [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(tree)]
 
@@ -174,22 +140,8 @@ def save_checkpoint(path, *, kind: str, meta: dict, trees: dict) -> pathlib.Path
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _sync_directory(path.parent)  # make the rename itself durable
+    sync_directory(path.parent)  # make the rename itself durable
     return path
-
-
-def _sync_directory(directory: pathlib.Path) -> None:
-    """Flushes ``directory``'s entries (a rename, a new file) to disk, where the OS allows it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(path, *, kind: str, templates: dict) -> tuple[dict, dict]:
@@ -304,183 +256,15 @@ def _differences(path, got: dict, want: dict) -> None:
         raise CheckpointError(f"checkpoint {str(path)!r} belongs to another run: it differs in {detail}")
 
 
-# ------------------------------------------------------------------ history files
-_SUFFIXES = (".rows.jsonl", ".rows.alt.jsonl")
-"""The two history files a checkpoint ``c.npz`` may use: ``c.npz.rows.jsonl`` and
-``c.npz.rows.alt.jsonl``."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Written:
-    """What this process last wrote or read of a checkpoint's history.
-
-    Attributes:
-        checkpoint: the identity (:func:`_identity`) of the ``.npz`` file then.
-        suffix: the history file it records (one of ``_SUFFIXES``).
-        rows: how many rows it records.
-        size: how many bytes of the history file those rows take.
-        last: the JSON line (:func:`_line`) of the last of them, ``b""`` when none.
-    """
-
-    checkpoint: tuple | None
-    suffix: str
-    rows: int
-    size: int
-    last: bytes
-
-    def record(self) -> dict:
-        """The checkpoint metadata's ``history`` entry."""
-        return {"suffix": self.suffix, "rows": self.rows, "bytes": self.size}
-
-
-_written: dict[str, _Written] = {}
-_locks: dict[str, threading.Lock] = {}
-_locks_guard = threading.Lock()
-
-
-def _key(path: pathlib.Path) -> str:
-    return os.path.abspath(path)
-
-
-def _lock(path: pathlib.Path) -> threading.Lock:
-    """The lock that orders this process's saves, loads and removals of ``path``."""
-    with _locks_guard:
-        return _locks.setdefault(_key(path), threading.Lock())
-
-
-def _history_file(path: pathlib.Path, suffix: str) -> pathlib.Path:
-    return path.with_name(path.name + suffix)
-
-
-def _identity(path: pathlib.Path) -> tuple | None:
-    """``path``'s inode, size and modification time (None if it does not exist): an
-    atomic rewrite of a checkpoint changes it."""
-    try:
-        status = os.stat(path)
-    except OSError:
-        return None
-    return (status.st_ino, status.st_size, status.st_mtime_ns)
-
-
-def _line(row) -> bytes:
-    """``row`` as one line of a history file."""
-    return json.dumps(jsonable(row), separators=(",", ":")).encode() + b"\n"
-
-
-def _continues(path: pathlib.Path, known: _Written | None, rows) -> bool:
-    """Whether ``rows`` extend the history ``known`` of the checkpoint at ``path``.
-
-    The checkpoint must be the one this process last wrote or read, ``rows``
-    at least as many as it records with the same last of them, and its
-    history file at least as long as recorded. O(1) in the number of rows.
-    """
-    if known is None or known.checkpoint is None or _identity(path) != known.checkpoint:
-        return False
-    if len(rows) < known.rows or (known.rows and _line(rows[known.rows - 1]) != known.last):
-        return False
-    try:
-        return os.stat(_history_file(path, known.suffix)).st_size >= known.size
-    except OSError:
-        return False
-
-
-def _suffix_on_disk(path: pathlib.Path, known: _Written | None) -> str | None:
-    """The history file the checkpoint at ``path`` records; None without one (no file,
-    a version 1 file, a damaged file)."""
-    if known is not None and known.checkpoint is not None and _identity(path) == known.checkpoint:
-        return known.suffix
+def _recorded_suffix(path: pathlib.Path) -> str | None:
+    """The history file suffix the checkpoint at ``path`` records; None without one (no
+    file, a version 1 file, a damaged file)."""
     try:
         with np.load(path, allow_pickle=False) as data:
             document = json.loads(data[_META].tobytes().decode())
         return document["meta"]["history"]["suffix"]
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile):
         return None
-
-
-def _append_history(path: pathlib.Path, known: _Written | None, rows) -> tuple[_Written, bool]:
-    """Writes the rows the history file of ``path`` lacks and flushes it to disk.
-
-    Rows that continue ``known`` (:func:`_continues`) are appended after its
-    recorded bytes, cutting off anything past them; otherwise every row is
-    written anew into the history file the checkpoint on disk does not use.
-
-    Returns:
-        ``(what the next checkpoint records, whether the file was written anew)``.
-    """
-    if _continues(path, known, rows):
-        suffix, start, offset, last, anew = known.suffix, known.rows, known.size, known.last, False
-    else:
-        used = _suffix_on_disk(path, known)
-        suffix = next(s for s in _SUFFIXES if s != used)
-        start, offset, last, anew = 0, 0, b"", True
-    lines = [_line(rows[i]) for i in range(start, len(rows))]
-    data = b"".join(lines)
-    file = _history_file(path, suffix)
-    with open(file, "wb" if anew else "r+b") as f:
-        f.truncate(offset)
-        f.seek(offset)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if anew:
-        _sync_directory(file.parent)
-    written = _Written(None, suffix, len(rows), offset + len(data), lines[-1] if lines else last)
-    return written, anew
-
-
-def _read_history(path: pathlib.Path, meta: dict) -> tuple[tuple, _Written | None]:
-    """The rows the checkpoint at ``path`` (metadata ``meta``) records, and what was read
-    (None for a version 1 checkpoint, whose rows are in ``meta``)."""
-    if "history" not in meta:
-        if isinstance(meta.get("rows"), list):
-            return tuple(meta["rows"]), None
-        raise CheckpointError(f"checkpoint {str(path)!r} records no history; not a run checkpoint")
-    record = meta["history"]
-    damaged = CheckpointError(f"checkpoint {str(path)!r} has a damaged history record {record!r}")
-    try:
-        suffix, count, size = record["suffix"], record["rows"], record["bytes"]
-    except (KeyError, TypeError):
-        raise damaged from None
-    if suffix not in _SUFFIXES or not all(type(n) is int and n >= 0 for n in (count, size)):
-        raise damaged
-    file = _history_file(path, suffix)
-    try:
-        with open(file, "rb") as f:
-            data = f.read(size)
-    except OSError as exc:
-        raise _bad_history(path, file, f"cannot be read: {exc}") from None
-    if len(data) < size:
-        raise _bad_history(
-            path, file, f"holds {len(data)} bytes, fewer than the {size} the checkpoint records"
-        )
-    rows = _parse_rows(path, file, data, count)
-    return rows, _Written(None, suffix, count, size, _line(rows[-1]) if rows else b"")
-
-
-def _parse_rows(path: pathlib.Path, file: pathlib.Path, data: bytes, count: int) -> tuple:
-    """The ``count`` rows in ``data``: the bytes of history file ``file`` that checkpoint
-    ``path`` records."""
-    lines = data.split(b"\n")
-    if lines.pop() != b"":
-        raise _bad_history(path, file, f"does not end a line at byte {len(data)}, where its rows end")
-    if len(lines) != count:
-        raise _bad_history(
-            path, file, f"holds {len(lines)} rows in its first {len(data)} bytes, not the {count} recorded"
-        )
-    rows = []
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise _bad_history(path, file, f"line {number} is not JSON: {exc}") from None
-        if not isinstance(row, dict):
-            raise _bad_history(path, file, f"line {number} is not a JSON object")
-        rows.append(row)
-    return tuple(rows)
-
-
-def _bad_history(path: pathlib.Path, file: pathlib.Path, what: str) -> CheckpointError:
-    return CheckpointError(f"checkpoint {str(path)!r}: its history file {str(file)!r} {what}")
 
 
 # ------------------------------------------------------------------ saving and loading runs
@@ -519,23 +303,19 @@ def save_run(path, *, kind: str, fingerprint: dict, progress, trees: dict | None
     """
     path = pathlib.Path(path)
     done = progress
-    with _lock(path):
-        history, anew = _append_history(path, _written.get(_key(path)), done.rows)
+    with history.lock(path):
+        written, anew = history.append(path, done.rows, _recorded_suffix)
         meta = {
             "fingerprint": fingerprint,
             "round": done.state.round,
             "rng": {"seed": fingerprint.get("seed"), "round": done.state.round},
-            "history": history.record(),
+            "history": written.record(),
             "cost": done.cost.as_dict(),
             "final_metrics": jsonable(done.final_metrics),
         }
         all_trees = {"params": done.state.params, "opt_state": done.state.opt_state, **(trees or {})}
         save_checkpoint(path, kind=kind, meta=meta, trees=all_trees)
-        _written[_key(path)] = dataclasses.replace(history, checkpoint=_identity(path))
-        if anew:  # the other history file is no checkpoint's now
-            for suffix in _SUFFIXES:
-                if suffix != history.suffix:
-                    _history_file(path, suffix).unlink(missing_ok=True)
+        history.saved(path, written, anew)
     return path
 
 
@@ -561,20 +341,15 @@ def load_run(path, *, kind: str, fingerprint: dict, state, templates: dict | Non
             history file is missing, shorter than recorded, or does not hold
             the recorded rows (the message names the file).
     """
-
     path = pathlib.Path(path)
     extra = dict(templates or {})
-    with _lock(path):
-        identity = _identity(path)
+    with history.lock(path):
+        identity = history.identity(path)
         meta, trees = load_checkpoint(
             path, kind=kind, templates={"params": state.params, "opt_state": state.opt_state, **extra}
         )
         _differences(path, meta.get("fingerprint") or {}, fingerprint)
-        rows, read = _read_history(path, meta)
-        if read is None:
-            _written.pop(_key(path), None)
-        else:
-            _written[_key(path)] = dataclasses.replace(read, checkpoint=identity)
+        rows = history.read(path, meta, identity)
     restored = ServerState(params=trees["params"], opt_state=trees["opt_state"], round=meta["round"])
     progress = Progress(
         state=restored,
@@ -592,11 +367,9 @@ def remove(path) -> None:
     checkpoint records, which the next save at ``path`` writes anew.
     """
     path = pathlib.Path(path)
-    with _lock(path):
+    with history.lock(path):
         path.unlink(missing_ok=True)
-        for suffix in _SUFFIXES:
-            _history_file(path, suffix).unlink(missing_ok=True)
-        _written.pop(_key(path), None)
+        history.remove(path)
 
 
 @contextlib.contextmanager

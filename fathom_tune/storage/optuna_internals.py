@@ -32,8 +32,8 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.trial import FrozenTrial
 
 __all__ = [
-    "OptunaInternalsError",
     "SUPPORTED",
+    "OptunaInternalsError",
     "journal_add_trials",
     "journal_appends_in_place",
     "rdb_add_trials",

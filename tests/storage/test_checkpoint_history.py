@@ -14,6 +14,7 @@ from _toy import toy_task
 import baselines
 from fathom_tune.engine import Cost, ServerState
 from fathom_tune.storage import checkpoint as ckpt
+from fathom_tune.storage import history as history_files
 from fathom_tune.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fathom_tune.tuning.driver import one_run_storage
 from fathom_tune.loop import Progress
@@ -26,12 +27,12 @@ FINGERPRINT = {"task": "t", "seed": 1, "num_rounds": 1000}
 @pytest.fixture(autouse=True)
 def new_process(monkeypatch):
     """Each test starts with nothing known of any checkpoint, as a new process would."""
-    monkeypatch.setattr(ckpt, "_written", {})
+    monkeypatch.setattr(history_files, "_written", {})
 
 
 def restart(monkeypatch) -> None:
     """Forgets what this process wrote or read, as after a kill and a restart."""
-    monkeypatch.setattr(ckpt, "_written", {})
+    monkeypatch.setattr(history_files, "_written", {})
 
 
 def state(rounds: int) -> ServerState:
