@@ -21,14 +21,12 @@ from collections.abc import Callable
 from fathom_tune.task import Task
 from fathom_tune.tasks.arrays import from_arrays
 from fathom_tune.tasks.digits import digits
-from fathom_tune.tasks.fedjax_cache import (
-    emnist,
-    shakespeare_fedjax,
-    stackoverflow,
-)
+from fathom_tune.tasks.emnist import emnist
 from fathom_tune.tasks.models import ready_model
 from fathom_tune.tasks.own_data import from_clients, holdout_clients
 from fathom_tune.tasks.shakespeare import shakespeare
+from fathom_tune.tasks.shakespeare_fedjax import shakespeare_fedjax
+from fathom_tune.tasks.stackoverflow import stackoverflow
 from fathom_tune.tasks.synthetic import synthetic
 
 REGISTRY: dict[str, Callable[..., Task]] = {
