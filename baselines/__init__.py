@@ -34,7 +34,7 @@ from baselines._registry import Median
 from baselines._registry import Random
 from baselines._registry import SuccessiveHalving
 from baselines._registry import get
-from baselines._run import choose
+from baselines._study import choose
 from baselines._run import run
 # isort: on
 

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 import numpy as np
 import optuna
 
+from baselines._study import run_study
 from fathom_tune import checks
 from fathom_tune.hparams import NAMES, Bounds
 from fathom_tune.task import Task
@@ -333,13 +334,11 @@ class Baseline(Tuner):
         """:func:`baselines.run` with this baseline (default budget: ten runs of
         ``task.num_rounds``; with a ``checkpoint_dir``, trials checkpoint into
         ``<checkpoint_dir>/<task>-<name>-seed<k>/``)."""
-        from baselines._run import run
-
         task, directory = request.task, request.checkpoint_dir
         if directory is not None:
             directory = directory / request.study_name(self.name).replace("/", "-")
             directory.mkdir(exist_ok=True)
-        return run(
+        return run_study(
             task,
             self,
             budget_rounds=10 * task.num_rounds if request.budget_rounds is None else request.budget_rounds,
