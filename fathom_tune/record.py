@@ -1,6 +1,9 @@
 """The run record, as users import it: the schema and writers of
-:mod:`fathom_tune.storage.record`, the reader of :mod:`fathom_tune.storage.reader` and
-the batched writers of :mod:`fathom_tune.storage.bulk`, under one name.
+:mod:`fathom_tune.storage.record`, the reader of :mod:`fathom_tune.storage.reader`,
+the batched writers of :mod:`fathom_tune.storage.bulk`, and each tuner's own keys
+(``FATHOM_*`` of :mod:`fathom_tune.fathom.sampler`, ``FEDEX_*`` of
+:mod:`fathom_tune.peers.fedex`, ``FEDHYPER_*`` of :mod:`fathom_tune.peers.fedhyper`),
+under one name. Package code imports each from the module that owns it.
 
 Example:
     >>> from fathom_tune import record
@@ -8,6 +11,9 @@ Example:
     'digits/fathom/seed0'
 """
 
+from fathom_tune.fathom.sampler import FATHOM_DIVERGED, FATHOM_G, FATHOM_H, FATHOM_REJECTED
+from fathom_tune.peers.fedex import FEDEX_ARMS, FEDEX_BASELINE, FEDEX_CANDIDATES, FEDEX_EXPLORING, FEDEX_THETA
+from fathom_tune.peers.fedhyper import FEDHYPER_A, FEDHYPER_BETA, FEDHYPER_BETA_MEAN
 from fathom_tune.storage.bulk import add_trials, set_study_attrs
 from fathom_tune.storage.reader import RunRecord, load_runs, read_run
 from fathom_tune.storage.record import *  # noqa: F403 - the schema's names, listed in its __all__
@@ -50,9 +56,11 @@ __all__ = [
     "WORKER",
     "add_trials",
     "add_wall_time",
+    "diverged",
     "evaluation",
     "finished_rounds",
     "load_runs",
+    "log_distributions",
     "mark_stale",
     "read_run",
     "round_trial",

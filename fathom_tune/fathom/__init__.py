@@ -9,13 +9,15 @@ training run:
   ``H`` and the server's moving average ``m`` with its ``alpha``
   (:class:`ServerTracker`, or :func:`track_agreement` to have an engine's
   server optimizer compute them inside the round);
-* :mod:`~fathom_tune.fathom.state`: ``p = log(hyperparameters)``, the EGN step
-  and :class:`FathomConfig`;
+* :mod:`~fathom_tune.fathom.state`: ``p = log(hyperparameters)``, the one
+  hyper step (``next_hparams``, :func:`egn_step` in log space) and
+  :class:`FathomConfig`;
 * :mod:`~fathom_tune.fathom.sampler`: :class:`FathomSampler`, an Optuna
-  sampler with one trial per round, for any federated loop;
+  sampler with one trial per round, for any federated loop, and FATHOM's
+  record keys (``FATHOM_G``, ``FATHOM_H``, ``FATHOM_DIVERGED``, ``FATHOM_REJECTED``);
 * :mod:`~fathom_tune.fathom.optimize`: :func:`optimize`, one run on the
-  project's engine recorded through :mod:`fathom_tune.record` (its side of
-  the round loop: ``fathom_tune.fathom.schedule``);
+  project's engine and the one one-run driver (:mod:`fathom_tune.tuning.one_run`),
+  whose schedule is ``fathom_tune.fathom.schedule.FathomSchedule``;
 * :mod:`~fathom_tune.fathom.tuner`: :class:`Fathom`, the registered tuner.
 """
 

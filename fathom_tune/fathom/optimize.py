@@ -7,38 +7,28 @@ the study's earlier rounds, the engine runs the round with FATHOM's client
 statistic ``phi`` turned on, and the round's hypergradients ``G`` (from the
 clients) and ``H`` (from the server's moving average of updates) are told
 back with the training loss as the value, through :mod:`fathom_tune.record`.
+The run is :class:`~fathom_tune.fathom.schedule.FathomSchedule` on the one
+one-run driver (:mod:`fathom_tune.tuning.one_run`), as every one-run tuner's is.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import pathlib
 
 import optax
 
 from fathom_tune import checks
 from fathom_tune.engine import FEDAVG_SERVER, Engine
-from fathom_tune.fathom.hypergrad import (
-    LocalAgreement,
-    TrackedState,
-    track_agreement,
-)
+from fathom_tune.fathom.hypergrad import LocalAgreement, track_agreement
 from fathom_tune.fathom.sampler import FathomSampler
 from fathom_tune.fathom.schedule import ROUND_HEADER, FathomSchedule
 from fathom_tune.fathom.state import FathomConfig
-from fathom_tune.hparams import NAMES
 from fathom_tune.storage import checkpoint as ckpt
-from fathom_tune.storage import open_storage, record
+from fathom_tune.storage import record
 from fathom_tune.task import Task
-from fathom_tune.tuning.driver import (
-    FLUSH_SECONDS,
-    RoundWriter,
-    open_study,
-    refuse_orphan_checkpoint,
-)
-from fathom_tune.tuning.loop import Progress, run
+from fathom_tune.tuning.driver import FLUSH_SECONDS
+from fathom_tune.tuning.one_run import OneRun, checked_path, run_one
 from fathom_tune.tuning.tuner import TuningResult
 
 __all__ = ["ROUND_HEADER", "optimize"]
@@ -142,123 +132,24 @@ def optimize(
         checks.positive_int("eval_every", eval_every)
     every = None if checkpoint_every is None else checks.positive_int("checkpoint_every", checkpoint_every)
     flush_seconds = checks.nonnegative_real("flush_seconds", flush_seconds)
-    path = ckpt.check_path(checkpoint)
-    if path is not None and storage is None:
-        raise ValueError(
-            "checkpoint needs a persistent storage (an RDB URL or a journal file path): the "
-            "rounds of an in-memory study would be lost with the process"
-        )
-    run_ = _Run(task, engine, config, num_rounds, eval_every, name, path, every, tuner, flush_seconds)
-    if path is not None and path.exists():  # refuse a bad checkpoint before anything is written
-        run_.load()
-        refuse_orphan_checkpoint(path, storage)
-    opened = open_storage(storage)
-    if path is None:
-        return run_(opened, progress)
-    with ckpt.exclusive(path):
-        return run_(opened, progress)
-
-
-@dataclasses.dataclass
-class _Run:
-    """One FATHOM run's fixed parts, and the steps of :func:`optimize` that use the storage."""
-
-    task: Task
-    engine: Engine
-    config: FathomConfig
-    num_rounds: int
-    eval_every: int | None
-    name: str
-    path: pathlib.Path | None
-    every: int | None
-    tuner: str
-    flush_seconds: float
-
-    @functools.cached_property
-    def fingerprint(self) -> dict:
-        """What a checkpoint of this run must match (built once: every round's save uses it)."""
-        config = ckpt.jsonable(dataclasses.asdict(self.config))
-        return ckpt.fingerprint(
-            self.engine, study=self.name, num_rounds=self.num_rounds, eval_every=self.eval_every, config=config
-        )
-
-    def save(self, done: Progress, _extra=None) -> None:
-        """Checkpoints ``done``: the server optimizer's own state, and FATHOM's ``m``
-        apart (``momentum``), not the :func:`track_agreement` state around them:
-        the layout is the same whatever server optimizer FATHOM wraps."""
-        tracked: TrackedState = done.state.opt_state
-        ckpt.save_run(
-            self.path,
-            kind=CHECKPOINT_KIND,
-            fingerprint=self.fingerprint,
-            progress=dataclasses.replace(done, state=dataclasses.replace(done.state, opt_state=tracked.inner)),
-            trees={"momentum": tracked.momentum},
-        )
-
-    def load(self) -> Progress:
-        state = self.engine.init()
-        fresh: TrackedState = state.opt_state
-        progress, trees = ckpt.load_run(
-            self.path,
-            kind=CHECKPOINT_KIND,
-            fingerprint=self.fingerprint,
-            state=dataclasses.replace(state, opt_state=fresh.inner),
-            templates={"momentum": fresh.momentum},
-        )
-        restored = progress.state
-        tracked = fresh._replace(inner=restored.opt_state, momentum=trees["momentum"])
-        return dataclasses.replace(progress, state=dataclasses.replace(restored, opt_state=tracked))
-
-    def __call__(self, opened, progress: bool) -> TuningResult:
-        resume = self.load() if self.path is not None and self.path.exists() else None
-        config = self.config
-        sampler = FathomSampler(init=config.init, bounds=config.bounds, config=config, seed=self.engine.seed)
-        study, recorded = open_study(
-            opened,
-            name=self.name,
-            resume=resume,
-            path=self.path,
-            task=self.task,
-            tuner=self.tuner,
-            seed=self.engine.seed,
-            num_rounds=self.num_rounds,
-            config=config.settings(),
-            sampler=sampler,
-        )
-        _log.info(
-            "FATHOM %s: %s at round %d of %d",
-            self.name,
-            "resumed" if resume else "started",
-            0 if resume is None else resume.state.round,
-            self.num_rounds,
-        )
-        schedule = FathomSchedule(study, sampler, recorded)
-        save = None if self.path is None else self.save
-        with RoundWriter(
-            study,
-            schedule,
-            save,
-            num_rounds=self.num_rounds,
-            flush_seconds=self.flush_seconds,
-            every=self.every,
-            label=f"FATHOM {self.name}",
-        ) as writer:
-            out = run(
-                self.engine,
-                schedule,
-                num_rounds=self.num_rounds,
-                eval_every=self.eval_every,
-                resume=resume,
-                on_round=writer.on_round,
-                progress="FATHOM " + self.task.name if progress else False,
-            )
-        test_metrics = self.engine.evaluate(out.params, "test")
-        hparams = schedule.next
-        record.write_outcome(
-            study, hparams=hparams, validation=out.final_metrics, test=test_metrics, ledger=out.cost
-        )
-        order = ["round", *NAMES, "local_steps", "H", "G", "train_loss"]
-        history = out.history[order + [c for c in out.history.columns if c not in order]]
-        return TuningResult.of_run(
-            out, self.task, study=study, hparams=hparams, test_metrics=test_metrics, history=history
-        )
+    path = checked_path(checkpoint, storage)
+    sampler = FathomSampler(init=config.init, bounds=config.bounds, config=config, seed=engine.seed)
+    one = OneRun(
+        task=task,
+        engine=engine,
+        schedule=FathomSchedule(sampler),
+        tuner=tuner,
+        name=name,
+        kind=CHECKPOINT_KIND,
+        config=config.settings(),
+        fingerprinted=ckpt.jsonable(dataclasses.asdict(config)),
+        num_rounds=num_rounds,
+        eval_every=eval_every,
+        path=path,
+        every=every,
+        flush_seconds=flush_seconds,
+        label=f"FATHOM {name}",
+        bar="FATHOM " + task.name,
+        log=_log,
+    )
+    return run_one(one, storage, progress)

@@ -30,23 +30,32 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from fathom_tune.fathom.state import FathomConfig, next_hparams
+from fathom_tune.fathom.state import DIVERGED_LR_FACTOR, FathomConfig, next_hparams
 from fathom_tune.hparams import NAMES, Bounds, HParams
 from fathom_tune.storage.optuna_internals import set_trial_system_attr, storage_of, study_id_of
-from fathom_tune.storage.record import FATHOM_DIVERGED as DIVERGED_ATTR
-from fathom_tune.storage.record import FATHOM_G as G_ATTR
-from fathom_tune.storage.record import FATHOM_H as H_ATTR
-from fathom_tune.storage.record import FATHOM_REJECTED as REJECTED_ATTR
+from fathom_tune.storage.record import log_distributions
 
 __all__ = [
     "DIVERGED_LR_FACTOR",
+    "FATHOM_DIVERGED",
+    "FATHOM_G",
+    "FATHOM_H",
+    "FATHOM_REJECTED",
     "FathomSampler",
     "report_divergence",
     "report_round",
 ]
 
-DIVERGED_LR_FACTOR = 0.5
-"""The learning rate of the round after a diverged one, relative to the diverged round's."""
+# FATHOM's own record keys (the shared schema is fathom_tune.storage.record's)
+FATHOM_G = "fathom.G"
+"""The round's local hypergradient ``G = sum_i w_i phi_i``."""
+FATHOM_H = "fathom.H"
+"""The round's global hypergradient ``H = cos(m, u)``."""
+FATHOM_DIVERGED = "fathom.diverged"
+"""``True``: the round diverged; the next round halves its learning rate."""
+FATHOM_REJECTED = "fathom.rejected"
+"""Trial *system* attr: why FathomSampler refused a completed round."""
+G_ATTR, H_ATTR, DIVERGED_ATTR, REJECTED_ATTR = FATHOM_G, FATHOM_H, FATHOM_DIVERGED, FATHOM_REJECTED
 
 _FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 
@@ -206,10 +215,7 @@ class FathomSampler(BaseSampler):
         # Per study: (trials read, the numbers of those not finished then, the decision
         # of the finished ones, the deciding trial's number).
         self._memo: dict[tuple[int, int], tuple[int, tuple[int, ...], HParams | None, int]] = {}
-        lower, upper = bounds.lower, bounds.upper
-        self._search_space = {
-            n: FloatDistribution(getattr(lower, n), getattr(upper, n), log=True) for n in NAMES
-        }
+        self._search_space = log_distributions(bounds)
 
     @property
     def config(self) -> FathomConfig:
@@ -287,13 +293,10 @@ class FathomSampler(BaseSampler):
         with its hypergradients ``G`` and ``H`` (recorded values, in [-1, 1]), or, after a
         diverged round, ``used`` with the learning rate times :data:`DIVERGED_LR_FACTOR`.
 
-        :meth:`following` of that round's trial gives the same.
+        :meth:`following` of that round's trial gives the same: both are
+        :func:`fathom_tune.fathom.state.next_hparams`, FATHOM's one hyper step.
         """
-        config = self._config
-        if diverged:
-            eta = used.learning_rate * DIVERGED_LR_FACTOR
-            return config.bounds.clip(dataclasses.replace(used, learning_rate=eta))
-        return next_hparams(used, H, G, config)
+        return next_hparams(used, H, G, self._config, diverged=diverged)
 
     def infer_relative_search_space(
         self, study: optuna.Study, trial: FrozenTrial

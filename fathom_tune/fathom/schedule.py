@@ -1,24 +1,24 @@
-"""FATHOM's side of the round loop: each round's hyperparameters, and each round queued as a trial.
+"""FATHOM's schedule on the one one-run driver: each round's hyperparameters, from the study.
 
-:func:`fathom_tune.fathom.optimize` runs :class:`FathomSchedule` in
-:func:`fathom_tune.loop.run` and writes what it queues to the study.
+:func:`fathom_tune.fathom.optimize` runs :class:`FathomSchedule` on
+:class:`fathom_tune.tuning.one_run.OneRun`, which records each round as the
+trial FathomSampler's ask-and-tell protocol would write
+(:func:`fathom_tune.storage.record.round_trial`: its three parameters,
+``fathom.G``, ``fathom.H``, cost, evaluations; training loss as value, ``FAIL``
+and ``fathom.diverged`` for a diverged round).
 """
 
 from __future__ import annotations
 
-import datetime
+import dataclasses
 import logging
 import math
-import warnings
 
-from optuna.trial import FrozenTrial, TrialState
-
-from fathom_tune.engine import RoundResult
-from fathom_tune.fathom.hypergrad import local_hypergradient
-from fathom_tune.fathom.sampler import FathomSampler, report_divergence, report_round
+from fathom_tune.engine import RoundResult, ServerState
+from fathom_tune.fathom.hypergrad import TrackedState, local_hypergradient
+from fathom_tune.fathom.sampler import FATHOM_G, FATHOM_H, FathomSampler, report_divergence, report_round
 from fathom_tune.hparams import NAMES, HParams
-from fathom_tune.storage import record
-from fathom_tune.tuning.loop import Outcome
+from fathom_tune.tuning.one_run import OneRunSchedule
 
 __all__ = ["ROUND_HEADER", "FathomSchedule"]
 
@@ -28,121 +28,92 @@ _rounds_log = logging.getLogger("fathom_tune.rounds")
 ROUND_HEADER = f"{'round':>5} {'eta':>9} {'E':>8} {'B':>8} {'steps':>6} {'H':>7} {'G':>7} {'loss':>9}  validation"
 
 
-class FathomSchedule:
-    """The loop's schedule: each round's hyperparameters, and each round as a finished trial.
+class FathomSchedule(OneRunSchedule):
+    """FATHOM as a one-run schedule: its state is the study's rounds and the server's ``m``.
 
     The hyperparameters come from :meth:`FathomSampler.after` the previous
-    round, as the sampler derives them from that round's trial; each round
-    is queued in ``pending`` (a :class:`_Round`, the few numbers its trial is
-    made of) until the run flushes a batch to the storage, where it becomes
-    the trial the sampler's ask-and-tell protocol would write (its three
-    parameters, ``G``, ``H``, cost, evaluations; training loss as value,
-    ``FAIL`` for a diverged round; :func:`fathom_tune.storage.bulk.add_trials`).
-    Building the trials with the write keeps that work off the rounds'
-    critical path (on the writer's thread for a persistent storage).
-
-    ``recorded`` maps rounds that the study already finished (a resumed run
-    whose checkpoint is older than the study) to their trials: those rounds
-    are run again from the checkpoint, deterministically, with the recorded
-    hyperparameters, and nothing new is written for them.
+    round (the one hyper step, as the sampler derives it from that round's
+    trial), starting from :meth:`FathomSampler.next_hparams` of the study.
+    The engine's server optimizer is ``track_agreement(...)``: its state holds
+    ``H`` and ``m``, and the checkpoint keeps ``m`` apart (``momentum``) from the
+    wrapped optimizer's state, so the layout is the same whatever server
+    optimizer FATHOM wraps. Rounds the study finished past the checkpoint are
+    run again with their recorded hyperparameters.
     """
 
-    def __init__(self, study, sampler: FathomSampler, recorded=None):
+    def __init__(self, sampler: FathomSampler):
         self.sampler = sampler
-        self.recorded = dict(recorded or {})
-        self.replay = None
-        self.pending: list[_Round] = []
-        self.next = sampler.next_hparams(study)
-        self.started = None
-        self.distributions = sampler.search_space
+        self.next = sampler.config.init
+        self._row: dict = {}
+
+    def opened(self, study) -> None:
+        self.next = self.sampler.next_hparams(study)
 
     def propose(self, round_index: int) -> HParams:
-        self.replay = self.recorded.pop(round_index, None)
-        if self.replay is not None:
-            return HParams(**{n: self.replay.params[n] for n in NAMES})
-        self.started = datetime.datetime.now()
         return self.next
 
-    def observe(self, result: RoundResult, metrics, accepted: bool) -> Outcome:
+    def replay(self, round_index: int, trial) -> HParams:
+        return HParams(**{n: trial.params[n] for n in NAMES})
+
+    def _seen(self, result: RoundResult, accepted: bool) -> None:
         G = local_hypergradient(result.statistic, result.num_examples)
-        # H = cos(m, u) came with the round: the engine's server optimizer is
-        # track_agreement(...), whose state holds H and the updated m.
+        # H = cos(m, u) came with the round, in the track_agreement state.
         h = float(result.opt_state.h) if accepted else math.nan
-        if self.replay is not None:
-            trial = self.replay
-            if accepted and not math.isclose(trial.value, result.train_loss, rel_tol=1e-5, abs_tol=1e-7):
-                warnings.warn(
-                    f"round {result.round} replayed after a resume gave training loss "
-                    f"{result.train_loss!r}; the study recorded {trial.value!r}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            self.next = self.sampler.following(trial) or self.next
-        else:
-            done = _Round(result, metrics, accepted, G, h, self.started)
-            self.pending.append(done)
-            # What the sampler's following() of this round's trial gives, without the trial.
-            self.next = self.sampler.after(result.hparams, G=done.G, H=done.H, diverged=not accepted)
+        self._row = {"H": h, "G": G}
+
+    def observed(self, result: RoundResult, metrics, accepted: bool) -> None:
         if _rounds_log.isEnabledFor(logging.INFO):
-            hp = result.hparams
+            hp, h, G = result.hparams, self._row["H"], self._row["G"]
             shown = " ".join(f"{k}={v:.4g}" for k, v in (metrics or {}).items())
             _rounds_log.info(
                 f"{result.round:5d} {hp.learning_rate:9.4g} {hp.local_epochs:8.4g} {hp.batch_size:8.4g} "
                 f"{int(result.local_steps.sum()):6d} {h:7.3f} {G:7.3f} {result.train_loss:9.4g}  {shown}"
             )
-        return Outcome(record={"H": h, "G": G, "diverged": not accepted})
 
-    def take(self):
-        """The queued rounds (the queue starts empty again), as a function that makes
-        them trials: the writer's thread calls it."""
-        taken, self.pending = self.pending, []
-        distributions = self.distributions
-        return lambda: [r.trial(distributions) for r in taken]
-
-
-class _Round:
-    """A finished round as the numbers its trial is made of (:meth:`trial` makes it)."""
-
-    __slots__ = ("accepted", "completed", "cost", "hparams", "loss", "metrics", "reported", "round", "started", "steps")
-
-    def __init__(self, result: RoundResult, metrics, accepted: bool, G: float, h: float, started) -> None:
-        self.round, self.hparams, self.cost = int(result.round), result.hparams, result.cost
-        self.loss, self.steps = float(result.train_loss), int(result.local_steps.sum())
-        self.metrics, self.accepted, self.started = metrics, accepted, started
-        self.completed = datetime.datetime.now()
-        self.reported = _Attrs()
+    def learn(self, result: RoundResult, accepted: bool) -> dict:
+        self._seen(result, accepted)
+        reported = _Attrs()
         if accepted:  # G and H as report_round records them (clamped to [-1, 1])
-            report_round(self.reported, G=G, H=h)
+            report_round(reported, G=self._row["G"], H=self._row["H"])
         else:
-            report_divergence(self.reported)
-
-    @property
-    def G(self) -> float | None:
-        return self.reported.get(record.FATHOM_G)
-
-    @property
-    def H(self) -> float | None:
-        return self.reported.get(record.FATHOM_H)
-
-    def trial(self, distributions) -> FrozenTrial:
-        """The round as the trial FathomSampler's ask-and-tell protocol records."""
-        attrs = _Attrs({record.ROUND: self.round})
-        evals = [] if self.metrics is None else [record.evaluation(1, self.cost.examples, self.metrics)]
-        record.write_step(attrs, cost=self.cost, evals=evals, **{record.LOCAL_STEPS: self.steps})
-        attrs.update(self.reported)
-        return FrozenTrial(
-            number=0,
-            trial_id=0,
-            state=TrialState.COMPLETE if self.accepted else TrialState.FAIL,
-            value=self.loss if self.accepted else None,
-            datetime_start=self.started,
-            datetime_complete=self.completed,
-            params={n: getattr(self.hparams, n) for n in NAMES},
-            distributions=distributions,
-            user_attrs=dict(attrs),
-            system_attrs={},
-            intermediate_values={},
+            report_divergence(reported)
+        # what the sampler's following() of this round's trial gives, without the trial
+        self.next = self.sampler.after(
+            result.hparams, G=reported.get(FATHOM_G), H=reported.get(FATHOM_H), diverged=not accepted
         )
+        return dict(reported)
+
+    def relearn(self, trial, result: RoundResult, accepted: bool) -> dict:
+        self._seen(result, accepted)
+        self.next = self.sampler.following(trial) or self.next
+        return {}
+
+    def columns(self, attrs: dict) -> dict:
+        return self._row
+
+    def returned(self) -> HParams:
+        return self.next
+
+    def trees(self) -> dict:
+        return {}  # derived from the study
+
+    def restore(self, trees: dict) -> None:
+        pass
+
+    def history(self, frame):
+        order = ["round", *NAMES, "local_steps", "H", "G", "train_loss"]
+        return frame[order + [c for c in frame.columns if c not in order]]
+
+    def search_space(self, task) -> dict:
+        return self.sampler.search_space
+
+    def stored(self, state: ServerState) -> tuple[ServerState, dict]:
+        tracked: TrackedState = state.opt_state
+        return dataclasses.replace(state, opt_state=tracked.inner), {"momentum": tracked.momentum}
+
+    def unstored(self, fresh: ServerState, state: ServerState, trees: dict) -> ServerState:
+        tracked = fresh.opt_state._replace(inner=state.opt_state, momentum=trees["momentum"])
+        return dataclasses.replace(state, opt_state=tracked)
 
 
 class _Attrs(dict):

@@ -21,7 +21,10 @@ import numpy as np
 from fathom_tune import checks
 from fathom_tune.hparams import NAMES, Bounds, HParams
 
-__all__ = ["FathomConfig", "egn_step", "hparams_from_log", "log_hparams", "next_hparams"]
+__all__ = ["DIVERGED_LR_FACTOR", "FathomConfig", "egn_step", "hparams_from_log", "log_hparams", "next_hparams"]
+
+DIVERGED_LR_FACTOR = 0.5
+"""The learning rate of the round after a diverged one, relative to the diverged round's."""
 
 
 def log_hparams(hparams: HParams) -> np.ndarray:
@@ -115,8 +118,16 @@ def _box(config: FathomConfig) -> tuple[tuple[float, ...], ...]:
     return tuple(tuple(a.tolist()) for a in arrays)
 
 
-def next_hparams(used: HParams, H: float, G: float, config: FathomConfig) -> HParams:
-    """The next round's hyperparameters: :func:`egn_step` from those ``used``, exactly.
+def next_hparams(used: HParams, H: float, G: float, config: FathomConfig, *, diverged: bool = False) -> HParams:
+    """FATHOM's hyper step, the one every FATHOM path takes: the next round's hyperparameters
+    after a round that ran with ``used``.
+
+    :class:`~fathom_tune.FathomSampler` (its ask-and-tell suggestions, hence the
+    Flower strategy) and :func:`~fathom_tune.optimize`'s schedule both call it
+    through :meth:`FathomSampler.after`. It is :func:`egn_step` (the same
+    arithmetic on ``log(used)``) made hyperparameters exactly; after a
+    ``diverged`` round it is ``used`` with the learning rate times
+    :data:`DIVERGED_LR_FACTOR`, clipped to the bounds (``H``, ``G`` unused).
 
     ``exp(log(x))`` is not always ``x`` (``3 -> 3.0000000000000004``), and
     ``ceil(E n / B)`` then gains a step wherever ``E n / B`` is an integer. So
@@ -127,6 +138,7 @@ def next_hparams(used: HParams, H: float, G: float, config: FathomConfig) -> HPa
         used: the hyperparameters of the round just finished.
         H, G: its hypergradients.
         config: a resolved :class:`FathomConfig` (``bounds`` set).
+        diverged: the round diverged.
 
     Example:
         >>> b = Bounds(HParams(1e-3, 0.01, 1.0), HParams(1.0, 10.0, 256.0))
@@ -134,6 +146,9 @@ def next_hparams(used: HParams, H: float, G: float, config: FathomConfig) -> HPa
         >>> next_hparams(HParams(0.1, 3.0, 20.0), 0.5, 0.2, cfg).local_epochs
         3.0
     """
+    if diverged:
+        eta = used.learning_rate * DIVERGED_LR_FACTOR
+        return config.bounds.clip(dataclasses.replace(used, learning_rate=eta))
     gamma, lower, upper, log_lower, log_upper = _box(config)
     used = [getattr(used, n) for n in NAMES]
     p = _step(np.log(used).tolist(), _finite("H", H), _finite("G", G), gamma, log_lower, log_upper)

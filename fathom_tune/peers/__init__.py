@@ -10,35 +10,40 @@
   step by step (CL), or GM and CL together (FULL)
   (:mod:`~fathom_tune.peers.fedhyper`);
 * ``fathom+server``: FATHOM for the clients' (eta, E, B) with FedHyper-GM's
-  server learning rate (:func:`fedhyper_server` as the engine's server optimizer).
+  server learning rate (:func:`fedhyper_server` as the engine's server
+  optimizer; :data:`~fathom_tune.peers.fedhyper.FATHOM_SERVER`).
 
-All run on the one engine and record one trial per round through
-:mod:`fathom_tune.record`. Registered names: ``fedex``, ``fedex-auto``,
+Each module holds its method's math, schedule, tuner and record keys. All run
+on the one engine and the one one-run driver (:mod:`fathom_tune.tuning.one_run`:
+:class:`OneRunSchedule`, :class:`OneRunTuner`, :func:`run_peer`), and record
+one trial per round through :mod:`fathom_tune.record`. Registered names: ``fedex``, ``fedex-auto``,
 ``fedhyper`` (= GM), ``fedhyper-g``, ``fedhyper-gm``, ``fedhyper-sl``,
 ``fedhyper-cl``, ``fedhyper-full``, ``fathom+server``.
 """
 
 # isort: off
+from fathom_tune.peers.fedex import FedEx
 from fathom_tune.peers.fedex import arm_gradient
 from fathom_tune.peers.fedex import discounted_sums
 from fathom_tune.peers.fedex import exponentiated_step
+from fathom_tune.peers.fedex import fedex_candidates
+from fathom_tune.peers.fedhyper import FEDHYPER_VARIANTS
 from fathom_tune.peers.fedhyper import ClientRate
+from fathom_tune.peers.fedhyper import FedHyper
 from fathom_tune.peers.fedhyper import FedHyperServerState
 from fathom_tune.peers.fedhyper import fedhyper_server
 from fathom_tune.peers.fedhyper import keep_update
 from fathom_tune.peers.fedhyper import sl_step
-from fathom_tune.peers._run import OneRunTuner
-from fathom_tune.peers._run import PeerSchedule
-from fathom_tune.peers._run import run_peer
-from fathom_tune.peers.tuners import FEDHYPER_VARIANTS
-from fathom_tune.peers.tuners import FedEx
-from fathom_tune.peers.tuners import FedHyper
-from fathom_tune.peers.tuners import fedex_candidates
+from fathom_tune.tuning.one_run import OneRunSchedule
+from fathom_tune.tuning.one_run import OneRunTuner
+from fathom_tune.tuning.one_run import run_schedule as run_peer
 # isort: on
 
-from fathom_tune.fathom import Fathom as _Fathom
-from fathom_tune.peers.tuners import _SERVER_RULES
+from fathom_tune.peers.fedhyper import FATHOM_SERVER as _FATHOM_SERVER
 from fathom_tune.tuning import registry as _tuners
+
+PeerSchedule = OneRunSchedule
+"""The schedule of a one-run peer: :class:`fathom_tune.tuning.one_run.OneRunSchedule`."""
 
 for _tuner in (
     FedEx("fedex"),
@@ -49,7 +54,7 @@ for _tuner in (
     FedHyper("fedhyper-sl", "sl"),
     FedHyper("fedhyper-cl", "cl"),
     FedHyper("fedhyper-full", "full"),
-    _Fathom("fathom+server", server_optimizer=_SERVER_RULES["gm"]),
+    _FATHOM_SERVER,
 ):
     _tuners.register(_tuner)
 
@@ -59,6 +64,7 @@ __all__ = [
     "FedEx",
     "FedHyper",
     "FedHyperServerState",
+    "OneRunSchedule",
     "OneRunTuner",
     "PeerSchedule",
     "arm_gradient",

@@ -42,6 +42,11 @@ update as a descent direction, i.e. minus the engine's gradient-signed
 
 The authors' clients run SGD with momentum 0.5; this project's clients run
 plain SGD (FATHOM's setting), for every tuner alike.
+
+:class:`FedHyper` runs on the one one-run driver (:mod:`fathom_tune.tuning.one_run`);
+a diverged round is discarded as FATHOM discards it and halves the clients'
+base rate. ``fathom+server`` (:data:`FATHOM_SERVER`, FATHOM with GM's server
+rule) lives here with the rule it borrows: FATHOM needs nothing of FedHyper.
 """
 
 from __future__ import annotations
@@ -51,17 +56,29 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from fathom_tune.engine import Engine, RoundResult
+from fathom_tune.fathom import DIVERGED_LR_FACTOR, Fathom
+from fathom_tune.hparams import HParams
+from fathom_tune.tuning.one_run import OneRunSchedule, OneRunTuner
 
 __all__ = [
     "CL_BOUNDS",
     "CL_CAP",
     "CL_GLOBAL_WEIGHT",
+    "FATHOM_SERVER",
+    "FEDHYPER_A",
+    "FEDHYPER_BETA",
+    "FEDHYPER_BETA_MEAN",
+    "FEDHYPER_VARIANTS",
     "GM_BOUNDS",
     "GM_MOMENTUM",
     "G_BOUNDS",
     "ClientRate",
     "ClientRateState",
+    "FedHyper",
     "FedHyperServerState",
     "KeptUpdate",
     "fedhyper_server",
@@ -70,10 +87,16 @@ __all__ = [
     "tree_vdot",
 ]
 
-G_BOUNDS = (-0.8, 4.0)
-"""FedHyper-G's clip of ``a_t``."""
-GM_BOUNDS = (-0.2, 4.0)
-"""FedHyper-GM's clip of ``a_t``."""
+# FedHyper's own record keys (the shared schema is fathom_tune.storage.record's)
+FEDHYPER_A = "fedhyper.a"
+"""FedHyper's ``a_t`` after the round (server step ``1 + a_t``; SL's client rate ``eta_0 (1 + a_t)``)."""
+FEDHYPER_BETA = "fedhyper.beta"
+"""FedHyper-CL: each sampled client's factor ``beta`` on ``eta_0`` after its last local step."""
+FEDHYPER_BETA_MEAN = "fedhyper.beta_mean"
+"""FedHyper-CL: the mean of the round's :data:`FEDHYPER_BETA` (a history column)."""
+
+G_BOUNDS, GM_BOUNDS = (-0.8, 4.0), (-0.2, 4.0)
+"""FedHyper-G's and FedHyper-GM's clips of ``a_t``."""
 GM_MOMENTUM = 0.9
 """FedHyper-GM's momentum factor on ``m``."""
 CL_BOUNDS = (0.1, 10.0)
@@ -159,7 +182,6 @@ def sl_step(a: float, previous_delta, delta) -> float:
     0.55
     """
     return float(a) + float(tree_vdot(previous_delta, delta))
-
 
 
 class KeptUpdate(NamedTuple):
@@ -266,3 +288,113 @@ class ClientRate:
 
     def report(self, state: ClientRateState) -> jax.Array:
         return state.beta
+
+
+FEDHYPER_VARIANTS = ("g", "gm", "sl", "cl", "full")
+"""FedHyper's variants: server rate (G), server rate with momentum (GM), server-set client
+rate (SL), client rate adapted step by step (CL), and GM with CL (FULL)."""
+
+
+class _FedHyperSchedule(OneRunSchedule):
+    def __init__(self, engine: Engine, variant: str):
+        task = engine.task
+        self.variant = variant
+        self.start = task.init_hparams
+        self.bounds = task.bounds
+        self.eta0 = float(task.init_hparams.learning_rate)
+        self.a = 0.0  # and SL's Delta_{t-1}:
+        self.previous = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, np.float32), engine.init().params)
+
+    def _rate(self) -> float:
+        eta = self.eta0 * (1.0 + self.a) if self.variant == "sl" else self.eta0
+        lo, hi = self.bounds.lower.learning_rate, self.bounds.upper.learning_rate
+        return min(max(eta, lo), hi)
+
+    def propose(self, round_index: int) -> HParams:
+        return dataclasses.replace(self.start, learning_rate=self._rate())
+
+    def learn(self, result: RoundResult, accepted: bool) -> dict:
+        if not accepted:
+            self.eta0 = max(self.eta0 * DIVERGED_LR_FACTOR, self.bounds.lower.learning_rate)
+            return {}
+        if self.variant == "sl":
+            delta = jax.tree_util.tree_map(lambda u: -np.asarray(u, np.float32), result.update)
+            self.a = sl_step(self.a, self.previous, delta)
+            self.previous = delta
+        elif self.variant != "cl":
+            server = result.opt_state
+            self.a = float((server.inner if isinstance(server, KeptUpdate) else server).a)
+        attrs = {} if self.variant == "cl" else {FEDHYPER_A: self.a}
+        if self.variant in _CLIENT_RATE:
+            attrs[FEDHYPER_BETA] = [float(b) for b in result.local_rate]
+            attrs[FEDHYPER_BETA_MEAN] = float(np.mean(result.local_rate))
+        return attrs
+
+    def returned(self) -> HParams:
+        return self.propose(-1)
+
+    def trees(self) -> dict:
+        return {
+            "fedhyper": {"a": np.asarray(self.a, np.float64), "eta0": np.asarray(self.eta0, np.float64)},
+            "previous": self.previous,
+        }
+
+    def restore(self, trees: dict) -> None:
+        self.a = float(trees["fedhyper"]["a"])
+        self.eta0 = float(trees["fedhyper"]["eta0"])
+        self.previous = trees["previous"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FedHyper(OneRunTuner):
+    """FedHyper (Wang, Wang, Li, ICLR 2024, arXiv 2310.03156) as a one-run tuner.
+
+    The clients run plain SGD with the task's starting hyperparameters (the
+    authors use SGD with momentum 0.5); the variant (``"g"``, ``"gm"``,
+    ``"sl"``, ``"cl"``, ``"full"``: see the module docstring) adapts a learning
+    rate from inner products of successive global updates. The
+    hyperparameters reported are the clients' starting ones; each round's
+    trial records the server step (:data:`FEDHYPER_A`), CL's factors
+    (:data:`FEDHYPER_BETA`, one per client) and their mean.
+
+    Attributes:
+        name: the registry name.
+        variant: one of :data:`FEDHYPER_VARIANTS`.
+
+    Example:
+        >>> import fathom_tune
+        >>> out = FedHyper("demo-gm", "gm").run(fathom_tune.tasks.digits().replace(num_rounds=3))
+        >>> len(out.study.trials)
+        3
+    """
+
+    name: str = "fedhyper"
+    variant: str = "gm"
+
+    def __post_init__(self):
+        if self.variant not in FEDHYPER_VARIANTS:
+            raise ValueError(f"variant must be one of {FEDHYPER_VARIANTS}, got {self.variant!r}")
+
+    def schedule_for(self, engine: Engine) -> OneRunSchedule:
+        return _FedHyperSchedule(engine, self.variant)
+
+    def settings(self) -> dict:
+        return {"method": "fedhyper", "variant": self.variant}
+
+    def engine_options(self, task) -> dict:
+        options = {"server_optimizer": _SERVER_RULES[self.variant]} if self.variant in _SERVER_RULES else {}
+        if self.variant in _CLIENT_RATE:
+            options["local_rate"] = ClientRate(clients=task.clients_per_round)
+        return options
+
+
+_SERVER_RULES = {"g": fedhyper_server(momentum=None), "gm": fedhyper_server(momentum=GM_MOMENTUM)}
+_SERVER_RULES.update({"cl": keep_update(optax.sgd(1.0)), "full": keep_update(_SERVER_RULES["gm"])})
+"""Each variant's server optimizer (SL keeps plain FedAvg's); one object per rule, so
+engines with the same rule share compiled programs."""
+_CLIENT_RATE = ("cl", "full")
+"""The variants whose clients adapt their rate step by step (FedHyper-CL)."""
+
+FATHOM_SERVER = Fathom("fathom+server", server_optimizer=_SERVER_RULES["gm"])
+"""``fathom+server``: FATHOM for the clients with FedHyper-GM's server rate (the rule object
+``fedhyper-gm`` uses, so the two share compiled programs)."""

@@ -23,7 +23,6 @@ from fathom_tune.storage.record import (
     COST,
     DIVERGED,
     EVALS,
-    FATHOM_DIVERGED,
     HPARAMS,
     LEDGER,
     ROUNDS_PER_RUN,
@@ -38,6 +37,7 @@ from fathom_tune.storage.record import (
     UNIT,
     VALIDATION,
     WALL,
+    diverged,
     step_cost,
 )
 from fathom_tune.task import Target
@@ -155,7 +155,7 @@ def read_run(study: optuna.Study) -> RunRecord:
                 **cost.as_dict(),
                 "value": t.value if t.values is not None and len(t.values) == 1 else math.nan,
                 "reached": reached,
-                DIVERGED: bool(extra.get(DIVERGED, False) or extra.get(FATHOM_DIVERGED, False)),
+                DIVERGED: diverged(extra),
                 "cum_rounds": spent.rounds,
                 "cum_examples": spent.examples,
             }

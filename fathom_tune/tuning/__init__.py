@@ -5,8 +5,11 @@
   tuner returns) and :func:`fedavg` (static FedAvg, untuned);
 * :mod:`~fathom_tune.tuning.registry`: tuners by name, entry points included;
 * :mod:`~fathom_tune.tuning.loop`: the one round loop every tuner trains with;
-* :mod:`~fathom_tune.tuning.driver`: the one-run driver (study, batched
-  writes, checkpoint and resume) that FATHOM and the one-run peers run on.
+* :mod:`~fathom_tune.tuning.one_run`: the one one-run driver that FATHOM,
+  fathom+server, FedEx and FedHyper run on (:class:`~fathom_tune.tuning.one_run.OneRunSchedule`,
+  :class:`~fathom_tune.tuning.one_run.OneRun`,
+  :class:`~fathom_tune.tuning.one_run.OneRunTuner`), over
+  :mod:`~fathom_tune.tuning.driver`: the study, its resume and the batched writes.
 """
 
 from fathom_tune.tuning import loop

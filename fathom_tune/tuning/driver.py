@@ -1,10 +1,12 @@
-"""What every one-run tuner's run shares: its study, and its rounds written in batches.
+"""What every one-run tuner's run shares: its study, its resume, and its rounds written in batches.
 
-FATHOM (:func:`fathom_tune.optimize`) and the one-run peers
+FATHOM (:func:`fathom_tune.optimize`), fathom+server and the one-run peers
 (:func:`fathom_tune.peers.run_peer`) record one trial per communication round
-and checkpoint the run. Both open their study with :func:`open_study` and
-write through one :class:`RoundWriter`, so a batch, a checkpoint and an
-interrupted run are handled one way:
+and checkpoint the run; :class:`fathom_tune.tuning.one_run.OneRun` runs each of
+them. It opens the study with :func:`open_study` (which settles a resumed
+study with :func:`settle`, as the Flower strategy does too) and writes through
+one :class:`RoundWriter`, so a batch, a checkpoint and an interrupted run are
+handled one way:
 
 * the queued rounds go to the storage in one transaction
   (:func:`fathom_tune.storage.bulk.add_trials`), then the checkpoint is written:
@@ -31,7 +33,7 @@ from typing import Self
 
 import optuna
 from optuna.storages import InMemoryStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from fathom_tune.storage import checkpoint as ckpt
 from fathom_tune.storage import open_storage, record
@@ -48,7 +50,9 @@ __all__ = [
     "Writes",
     "one_run_storage",
     "open_study",
+    "refuse_held",
     "refuse_orphan_checkpoint",
+    "settle",
 ]
 
 FLUSH_SECONDS = 1.0
@@ -72,6 +76,37 @@ def refuse_orphan_checkpoint(path: pathlib.Path, storage) -> None:
         )
 
 
+def refuse_held(name: str, held: int) -> None:
+    """Refuses a fresh run (no checkpoint) on the study ``name`` that holds ``held`` rounds.
+
+    Raises:
+        ValueError: ``held`` is not 0.
+    """
+    if held:
+        raise ValueError(
+            f"study_name={name!r} already holds {held} rounds in this storage; a run "
+            "cannot continue without its model: choose another study_name or storage, or pass "
+            "the checkpoint= of the run that wrote it"
+        )
+
+
+def settle(study: optuna.Study, done: int, path, told: Callable[[FrozenTrial], bool] | None = None) -> dict:
+    """Settles the study of a run resumed from a checkpoint at round ``done``; returns the
+    rounds it finished, ``round -> trial`` (:func:`fathom_tune.storage.record.finished_rounds`).
+
+    Each round left RUNNING is failed and marked stale (the caller holds the
+    checkpoint's lock, so no other process is running it; the resumed run
+    does that round again), unless ``told(trial)`` settles it and returns True.
+
+    Raises:
+        fathom_tune.CheckpointError: a round before ``done`` is missing.
+    """
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if told is None or not told(trial):
+            record.mark_stale(study, trial)
+    return record.finished_rounds(study, done, path)
+
+
 def open_study(
     opened,
     *,
@@ -90,9 +125,7 @@ def open_study(
 
     Returns the study and the rounds it finished past the checkpoint
     (``round -> trial``): a resumed run runs them again from the checkpoint
-    and writes nothing new for them. Rounds a killed process left RUNNING
-    are failed and marked stale (the caller holds the checkpoint's lock, so
-    no other process is running them).
+    and writes nothing new for them (:func:`settle`).
 
     Raises:
         ValueError: a fresh run (``resume=None``) on a study that holds rounds.
@@ -102,12 +135,8 @@ def open_study(
     existing = {}
     if opened is not None:
         existing = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(opened)}
-    if resume is None and existing.get(name):
-        raise ValueError(
-            f"study_name={name!r} already holds {existing[name]} rounds in this storage; a run "
-            "cannot continue without its model: choose another study_name or storage, or pass "
-            "the checkpoint= of the run that wrote it"
-        )
+    if resume is None:
+        refuse_held(name, existing.get(name, 0))
     if resume is not None and name not in existing:
         raise ckpt.CheckpointError(
             f"checkpoint {str(path)!r} is at round {resume.state.round} but the storage holds no "
@@ -132,10 +161,8 @@ def open_study(
         set_study_attrs(study, {k: v for k, v in header.items() if study.user_attrs.get(k) != v})
     if resume is None:
         return study, {}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        record.mark_stale(study, trial)
     done = len(resume.rows)
-    return study, {r: t for r, t in record.finished_rounds(study, done, path).items() if r >= done}
+    return study, {r: t for r, t in settle(study, done, path).items() if r >= done}
 
 
 class Writes:

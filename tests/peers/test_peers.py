@@ -25,9 +25,10 @@ from fathom_tune.peers import (
     fedhyper_server,
     keep_update,
 )
-from fathom_tune.peers import _run as peer_run
-from fathom_tune.peers.tuners import _FedExSchedule, _FedHyperSchedule
+from fathom_tune.peers.fedex import _FedExSchedule
+from fathom_tune.peers.fedhyper import _FedHyperSchedule
 from fathom_tune.tuning import driver as _one_run
+from fathom_tune.tuning import one_run as peer_run
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
