@@ -4,9 +4,11 @@ FATHOM ("Federated Hypergradient Descent", A. K. Kan, arXiv 2211.02106)
 keeps two things besides the study's trials: the model and the moving
 average ``m`` of global updates. :func:`save` writes both after every round
 (atomically, :func:`fathom_tune.storage.checkpoint.save_checkpoint`) together with
-the round's pending ``tell``; :func:`restore` reads them back and reconciles
-the study: the round saved but not told is told, a round a killed server
-left running is failed and marked stale (the resumed run redoes it).
+the round's pending ``tell``; :func:`restore` reads them back and settles
+the study as every one-run tuner's resume does
+(:func:`fathom_tune.tuning.driver.settle`): the round saved but not told is
+told, a round a killed server left running is failed and marked stale (the
+resumed run redoes it), and the rounds before the checkpoint must be there.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from fathom_tune.storage import checkpoint as ckpt
-from fathom_tune.storage import record
+from fathom_tune.tuning import driver
 
 __all__ = ["CHECKPOINT_KIND", "RunState", "restore", "save"]
 
@@ -53,13 +55,7 @@ def restore(study: optuna.Study, checkpoint: pathlib.Path | None, x0: dict) -> R
     """
     zeros = {k: np.zeros_like(v) for k, v in x0.items()}
     if checkpoint is None or not checkpoint.exists():
-        held = len(study.get_trials(deepcopy=False))
-        if held:
-            raise ValueError(
-                f"study {study.study_name!r} already holds {held} rounds; a FATHOM run cannot "
-                "continue without its model: use another study_name or storage, or the checkpoint "
-                "of the run that wrote it"
-            )
+        driver.refuse_held(study.study_name, len(study.get_trials(deepcopy=False)))
         return RunState(model=x0, momentum=zeros, done=0, validation={})
     meta, trees = ckpt.load_checkpoint(
         checkpoint, kind=CHECKPOINT_KIND, templates={"model": x0, "momentum": zeros}
@@ -75,22 +71,19 @@ def restore(study: optuna.Study, checkpoint: pathlib.Path | None, x0: dict) -> R
         done=int(meta["round"]),
         validation=meta.get("validation") or {},
     )
-    _reconcile(study, checkpoint, state.done, meta.get("pending"))
+    pending = meta.get("pending")
+
+    def told(trial) -> bool:  # the round saved but not told
+        if pending is None or trial.number != pending["trial"]:
+            return False
+        if pending["value"] is None:
+            study.tell(trial.number, state=TrialState.FAIL)
+        else:
+            study.tell(trial.number, pending["value"])
+        return True
+
+    driver.settle(study, state.done, checkpoint, told)
     return state
-
-
-def _reconcile(
-    study: optuna.Study, checkpoint: pathlib.Path, done: int, pending: dict | None
-) -> None:
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if pending is not None and trial.number == pending["trial"]:  # saved, not told
-            if pending["value"] is None:
-                study.tell(trial.number, state=TrialState.FAIL)
-            else:
-                study.tell(trial.number, pending["value"])
-        else:  # killed mid-round: the resumed run redoes that round
-            record.mark_stale(study, trial)
-    record.finished_rounds(study, done, checkpoint)
 
 
 def save(

@@ -11,7 +11,8 @@ arXiv 2211.02106). :class:`FathomFedAvg` is Flower's Message-API
   ``(u, G) = aggregate_round(Delta, phi, n)``, ``H = cos(m, u)`` with
   :class:`~fathom_tune.ServerTracker`, applies ``x <- x - u``, records the
   round through :mod:`fathom_tune.record` and tells the trial, exactly as
-  :func:`fathom_tune.optimize` does. A round whose loss or update is not
+  :func:`fathom_tune.optimize` does: the next round's values are FATHOM's one
+  hyper step (:func:`fathom_tune.fathom.state.next_hparams`, through the sampler). A round whose loss or update is not
   finite is discarded (model and ``m`` unchanged), marked with
   :func:`~fathom_tune.report_divergence` and told ``FAIL``; the sampler then
   halves the learning rate.
@@ -20,7 +21,8 @@ The study lives in any Optuna storage (one trial per round, named
 ``<task>/fathom-flower/seed<k>``), so optuna-dashboard shows the run while it
 trains. With ``checkpoint=`` the model, ``m`` and the round are written
 atomically after every round and a new run with the same checkpoint and
-storage continues where the last one stopped.
+storage continues where the last one stopped (:mod:`fathom_tune.flower.resume`,
+which settles the study as every one-run tuner's resume does).
 """
 
 from __future__ import annotations
@@ -182,13 +184,8 @@ class FathomFedAvg(FedAvg):
             )
         self.sampler = FathomSampler(init=init, bounds=bounds, config=config, seed=self.seed)
         name = study_name or record.study_name(task, TUNER, self.seed)
-        self.study = optuna.create_study(
-            storage=open_storage(storage),
-            study_name=name,
-            sampler=self.sampler,
-            direction="minimize",
-            load_if_exists=True,
-        )
+        self.study = optuna.create_study(storage=open_storage(storage), study_name=name, sampler=self.sampler,
+                                         direction="minimize", load_if_exists=True)
         self._tracker: ServerTracker | None = None
         self._round: _Round | None = None
         self._done = 0
@@ -205,14 +202,8 @@ class FathomFedAvg(FedAvg):
         if not isinstance(task, Task):
             raise TypeError(f"task must be a fathom_tune.Task, got {type(task).__name__}")
         config = (FathomConfig() if config is None else config).resolve(task)
-        return cls(
-            task=task.name,
-            target=task.target,
-            init=config.init,
-            bounds=config.bounds,
-            config=config,
-            **kwargs,
-        )
+        return cls(task=task.name, target=task.target, init=config.init, bounds=config.bounds, config=config,
+                   **kwargs)
 
     def summary(self) -> None:
         super().summary()
@@ -277,15 +268,11 @@ class FathomFedAvg(FedAvg):
                     flower_eval,
                 )
             else:
-                _log.info(
-                    "study %r already holds all %d rounds", self.study.study_name, self._num_rounds
-                )
+                _log.info("study %r already holds all %d rounds", self.study.study_name, self._num_rounds)
                 result = Result(arrays=protocol.to_array_record(self._model))
             final = protocol.to_array_record(self._model)
             test = {} if self.test_fn is None else dict(self.test_fn(final))
-            ledger = sum(
-                (record.step_cost(t) for t in self.study.get_trials(deepcopy=False)), Cost()
-            )
+            ledger = sum((record.step_cost(t) for t in self.study.get_trials(deepcopy=False)), Cost())
             record.write_outcome(
                 self.study,
                 hparams=self.sampler.next_hparams(self.study),
@@ -316,9 +303,7 @@ class FathomFedAvg(FedAvg):
         config["server-round"] = server_round
         self._round = _Round(trial, index, hparams, dict(self._model), nodes, time.perf_counter())
         content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config})
-        return [
-            Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes
-        ]
+        return [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
 
     def _sample_nodes(self, grid: Grid, index: int) -> list[int]:
         try:
@@ -354,13 +339,8 @@ class FathomFedAvg(FedAvg):
         cost = round_cost(x0, got, pending.hparams, len(pending.nodes), seconds)
         steps = {record.LOCAL_STEPS: cost.steps, record.ROUND: pending.index}
         if not got.node_ids:
-            _log.warning(
-                "round %d: no node replied (%d errors, %d sampled); the round is recorded FAIL "
-                "and the next round repeats its hyperparameters",
-                pending.index,
-                failed,
-                len(pending.nodes),
-            )
+            _log.warning("round %d: no node replied (%d errors, %d sampled); the round is recorded FAIL "
+                         "and the next round repeats its hyperparameters", pending.index, failed, len(pending.nodes))
             record.write_step(trial, cost=cost, evals=[], **steps)
             self._finish(trial, None)
             return None, None
@@ -377,14 +357,10 @@ class FathomFedAvg(FedAvg):
             report_round(trial, G=agg.G, H=H)
         else:
             report_divergence(trial)
-            _log.warning(
-                "round %d diverged (loss %r): its model is discarded", pending.index, agg.train_loss
-            )
+            _log.warning("round %d diverged (loss %r): its model is discarded", pending.index, agg.train_loss)
         self._finish(trial, agg.train_loss if agg.finite else None)
         if self.on_round is not None:
-            self.on_round(
-                RoundReport.of(pending.index, trial.number, pending.hparams, x0, got, agg, H)
-            )
+            self.on_round(RoundReport.of(pending.index, trial.number, pending.hparams, x0, got, agg, H))
         out = {"fathom-G": agg.G, **protocol.hparams_to_config(pending.hparams, pending.index)}
         if agg.finite:
             out.update({"fathom-H": H, protocol.TRAIN_LOSS: agg.train_loss})
@@ -392,9 +368,7 @@ class FathomFedAvg(FedAvg):
 
     def _evaluate(self, server_round: int, index: int, accepted: bool) -> dict | None:
         last = index == self._num_rounds - 1
-        if self._evaluate_fn is None or not (
-            last or (accepted and (index + 1) % self.eval_every == 0)
-        ):
+        if self._evaluate_fn is None or not (last or (accepted and (index + 1) % self.eval_every == 0)):
             return None
         metrics = self._evaluate_fn(server_round, protocol.to_array_record(self._model))
         if metrics is None:
@@ -407,9 +381,7 @@ class FathomFedAvg(FedAvg):
         """Checkpoints the round (model, ``m``, how to tell the trial), then tells the trial."""
         self._done += 1
         if self.checkpoint is not None:
-            state = resume.RunState(
-                self._model, self._tracker.momentum, self._done, self._validation
-            )
+            state = resume.RunState(self._model, self._tracker.momentum, self._done, self._validation)
             resume.save(self.checkpoint, self.study, state, trial=trial.number, value=value)
         if value is None:
             self.study.tell(trial, state=TrialState.FAIL)
