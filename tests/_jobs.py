@@ -25,7 +25,9 @@ import time
 
 import optuna
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
+# Run as a script, tests/ comes first on the path, where tests/baselines/ and tests/studies/
+# would shadow the packages of those names: the repository root goes before it.
+sys.path[:0] = [str(pathlib.Path(__file__).resolve().parents[1]), str(pathlib.Path(__file__).parent)]
 import fathom_tune.storage.checkpoint
 from _toy import toy_task
 

@@ -234,7 +234,8 @@ def start_job(marker: pathlib.Path | None, *args) -> subprocess.Popen:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE))
+    # the repository root before tests/ (whose baselines/ and studies/ would shadow the packages)
+    sys.path[:0] = [str(HERE.parent), str(HERE)]
     import _jobs
 
     marker = pathlib.Path(sys.argv[1]) if sys.argv[1] else None

@@ -8,7 +8,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
+# the repository root before tests/ (whose baselines/ and studies/ would shadow the packages)
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(__file__)]
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

@@ -6,10 +6,12 @@
   and trial key) and its writers;
 * :mod:`~fathom_tune.storage.reader`: :class:`RunRecord`, :func:`read_run`,
   :func:`load_runs`, the one reader of every tuner's study;
-* :mod:`~fathom_tune.storage.bulk`: rounds written in one transaction (the
-  one module that touches Optuna's internals);
+* :mod:`~fathom_tune.storage.bulk`: rounds written in one transaction, through
+  :mod:`~fathom_tune.storage.optuna_internals` (the one module that uses Optuna's
+  private names, each checked on first use);
 * :mod:`~fathom_tune.storage.checkpoint`: a run's model and state on disk,
-  crash-safe, and their append-only history.
+  crash-safe; :mod:`~fathom_tune.storage.history` their append-only history;
+  :mod:`~fathom_tune.storage.durable` what both share.
 """
 
 from fathom_tune.storage.opening import mask_url, open_storage
