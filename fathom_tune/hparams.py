@@ -16,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from fathom_tune import checks
 
-__all__ = ["NAMES", "Bounds", "ClientHParams", "HParams", "batch_int", "local_steps"]
+__all__ = ["NAMES", "Bounds", "ClientHParams", "HParams", "batch_int", "local_step_counts", "local_steps"]
 
 NAMES = ("learning_rate", "local_epochs", "batch_size")
 """The three hyperparameters, in the one order used everywhere (vectors, grids, tables)."""
@@ -33,13 +35,31 @@ def batch_int(batch_size: float) -> int:
     return max(math.floor(batch_size + 0.5), 1)
 
 
+def local_step_counts(local_epochs, num_examples, batch_ints) -> np.ndarray:
+    """``K_i = max(ceil(E * n_i / B_int), 1)`` of many clients at once: the one place
+    this rule is computed (in float64, as Python's float arithmetic does).
+
+    ``local_epochs``, ``num_examples`` and ``batch_ints`` (``B_int``, already
+    integers) are arrays or scalars that broadcast together; the counts come
+    back as int64.
+
+    >>> local_step_counts(1.0, np.array([130, 7, 0]), 20).tolist()
+    [7, 1, 1]
+    >>> local_step_counts(np.array([1.0, 2.5]), 47, np.array([7, 5])).tolist()
+    [7, 24]
+    """
+    epochs = np.asarray(local_epochs, np.float64)
+    steps = np.ceil(epochs * np.asarray(num_examples, np.int64) / np.asarray(batch_ints, np.int64))
+    return np.maximum(steps, 1.0).astype(np.int64)
+
+
 def local_steps(local_epochs: float, num_examples: int, batch_size: float) -> int:
-    """``K_i = max(ceil(E * n_i / B_int), 1)``.
+    """``K_i = max(ceil(E * n_i / B_int), 1)`` of one client (:func:`local_step_counts`).
 
     >>> local_steps(1.0, 130, 20.0), local_steps(0.01, 130, 20.0), local_steps(2.0, 7, 256.0)
     (7, 1, 1)
     """
-    return max(math.ceil(local_epochs * num_examples / batch_int(batch_size)), 1)
+    return int(local_step_counts(local_epochs, num_examples, batch_int(batch_size)))
 
 
 @dataclasses.dataclass(frozen=True)

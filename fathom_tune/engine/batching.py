@@ -1,5 +1,5 @@
-"""How a FedAvg round is batched: the batch-size ladders, the client sampling rule and the
-clients' shuffles (see :mod:`fathom_tune.engine`)."""
+"""How a FedAvg round is batched: the batch-size ladders, the client sampling rule, the
+clients' shuffles and the one builder of their batch plans (see :mod:`fathom_tune.engine`)."""
 
 from __future__ import annotations
 
@@ -97,31 +97,17 @@ def generator(*words: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(list(words)))
 
 
-def batch_indices(num_examples: int, steps: int, batch: int, rng: np.random.Generator) -> np.ndarray:
-    """Example indices ``[steps, batch]`` of one client's round: shuffle, repeat.
-
-    Consecutive passes over the client's examples, a fresh permutation from
-    ``rng`` per pass, cut into ``steps`` batches of exactly ``batch``
-    examples; no example repeats before every example has been used.
-
-    >>> plan = batch_indices(10, 3, 4, np.random.default_rng(0))
-    >>> plan.shape, sorted(plan.ravel()[:10].tolist()) == list(range(10))
-    ((3, 4), True)
-    """
-    need = steps * batch
-    passes = -(-need // num_examples)
-    flat = np.concatenate([rng.permutation(num_examples) for _ in range(passes)])[:need]
-    return flat.reshape(steps, batch)
-
-
 class Shuffles:
     """One client's passes over its ``n`` examples in a round, drawn from ``rng`` as
-    needed: what :func:`batch_indices` cuts into batches, drawable ahead of time.
+    needed: consecutive passes, a fresh permutation per pass, so no example repeats
+    before every example has been used. The one shuffling rule of the engine's two
+    round paths and of the Flower client (:func:`batch_plan`); passes are drawn on
+    the first :meth:`take` that needs them, so a round's can be drawn ahead of time.
 
-    >>> a = Shuffles(np.random.default_rng(0), 10).take(12)
-    >>> b = batch_indices(10, 3, 4, np.random.default_rng(0)).ravel()
-    >>> bool((a == b).all())
-    True
+    >>> sh = Shuffles(np.random.default_rng(0), 4)
+    >>> a = sh.take(6)
+    >>> sorted(a[:4].tolist()), bool((sh.take(6) == a).all())
+    ([0, 1, 2, 3], True)
     """
 
     def __init__(self, rng: np.random.Generator, n: int):
@@ -129,8 +115,53 @@ class Shuffles:
 
     def take(self, need: int) -> np.ndarray:
         """The first ``need`` indices of the consecutive passes."""
+        if self._n == 0 and need > 0:
+            raise ValueError(f"a client without examples has no batch of {need} indices")
         while len(self._passes) * self._n < need:
             self._passes.append(self._rng.permutation(self._n))
         if len(self._passes) == 1:
             return self._passes[0][:need]
         return np.concatenate(self._passes)[:need]
+
+
+def batch_plan(
+    order: Shuffles, steps: int, batch: int, *, into: np.ndarray | None = None, offset: int = 0
+) -> np.ndarray:
+    """One client's batches as example indices: the first ``steps * batch`` indices of
+    ``order`` cut into ``steps`` rows of exactly ``batch`` examples.
+
+    The one plan builder: both round paths and the Flower client's
+    :func:`~fathom_tune.flower.client.batch_plan` make every client's plan here.
+
+    Args:
+        order: the client's :class:`Shuffles` for the round.
+        steps, batch: ``K_i`` and ``B_int``.
+        into: a zeroed plan ``[rows, bucket]`` (``rows >= steps``, ``bucket >=
+            batch``) to write into and return; ``None``: a new ``[steps, batch]``.
+        offset: added to every slot of the first ``steps`` rows (where the
+            client's examples start among every client's): a padding slot then
+            points at the client's first example. Rows past ``steps`` stay 0.
+
+    >>> plan = batch_plan(Shuffles(np.random.default_rng(0), 5), 2, 3, into=np.zeros((3, 4), np.int64), offset=10)
+    >>> bool((plan[:2, 3] == 10).all()), plan[2].tolist(), sorted(plan[:2, :3].ravel()[:5] - 10) == list(range(5))
+    (True, [0, 0, 0, 0], True)
+    """
+    drawn = order.take(steps * batch).reshape(steps, batch)
+    if into is None:
+        return drawn + offset if offset else drawn
+    rows = into[:steps]
+    rows[:, :batch] = drawn
+    if offset:
+        rows += offset
+    return into
+
+
+def batch_indices(num_examples: int, steps: int, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """Example indices ``[steps, batch]`` of one client's round: shuffle, repeat
+    (:func:`batch_plan` of ``Shuffles(rng, num_examples)``).
+
+    >>> plan = batch_indices(10, 3, 4, np.random.default_rng(0))
+    >>> plan.shape, sorted(plan.ravel()[:10].tolist()) == list(range(10))
+    ((3, 4), True)
+    """
+    return batch_plan(Shuffles(rng, num_examples), steps, batch)

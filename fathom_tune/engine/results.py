@@ -24,8 +24,10 @@ class Cost:
             gradient, i.e. ``sum_i K_i * B_int``).
         steps: local SGD steps, ``sum_i K_i``.
         bytes_down: server to clients: the model, once per sampled client.
-        bytes_up: clients to server: each client's update plus three float32
-            scalars (its example count, training loss and client statistic).
+        bytes_up: clients to server: each client's update plus its scalars (the
+            engine's: three float32, its example count, training loss and client
+            statistic, and two float32 validation losses with client validation;
+            a Flower reply's: 8 bytes per metric).
         seconds: wall-clock seconds.
     """
 
@@ -35,6 +37,46 @@ class Cost:
     bytes_down: int = 0
     bytes_up: int = 0
     seconds: float = 0.0
+
+    @classmethod
+    def of_round(
+        cls,
+        local_steps,
+        batch_sizes,
+        *,
+        model_bytes: int = 0,
+        reply_scalar_bytes: int = 0,
+        sent: int | None = None,
+        replies: int | None = None,
+        extra_examples: int = 0,
+        seconds: float = 0.0,
+        rounds: int = 1,
+    ) -> Cost:
+        """What clients that ran ``local_steps`` (``K_i``) at ``batch_sizes`` (``B_int``,
+        one per client or one for all) cost: the one rule of the engine's rounds, the
+        Flower server's and a projected run's.
+
+        ``examples = sum_i K_i B_int + extra_examples`` (e.g. validation passes),
+        ``steps = sum_i K_i``; the model (``model_bytes``) goes to ``sent`` clients
+        (default: every client of ``local_steps``) and comes back from
+        ``replies`` (default ``sent``), each reply with ``reply_scalar_bytes`` of
+        scalars besides the model (each caller documents its own). ``rounds``: the
+        rounds these clients span (1, or every round of a projected run).
+
+        >>> Cost.of_round([7, 3], 20, model_bytes=100, reply_scalar_bytes=12, seconds=0.5)
+        Cost(rounds=1, examples=200, steps=10, bytes_down=200, bytes_up=224, seconds=0.5)
+        """
+        steps = np.asarray(local_steps, np.int64)
+        sent = len(steps.ravel()) if sent is None else int(sent)
+        replies = sent if replies is None else int(replies)
+        return cls(
+            rounds=int(rounds),
+            examples=int(np.sum(steps * np.asarray(batch_sizes, np.int64))) + int(extra_examples),
+            steps=int(steps.sum()),
+            bytes_down=sent * int(model_bytes),
+            bytes_up=replies * (int(model_bytes) + int(reply_scalar_bytes)),
+            seconds=float(seconds),
+        )
 
     # Field by field, not through dataclasses.astuple/asdict: every round adds one
     # (about 20 against 3 microseconds).

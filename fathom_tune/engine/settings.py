@@ -1,5 +1,6 @@
 """The engine's configuration: its settings as a comparable value, and the checks of its
-device and local-rate arguments (see :class:`fathom_tune.engine.Engine`)."""
+arguments (statistic, server optimizer, local rate, validation share, bucket ladder,
+devices; see :class:`fathom_tune.engine.Engine`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+import optax
 
 __all__ = ["EngineSettings"]
 
@@ -54,6 +56,52 @@ class EngineSettings:
         if out["local_rate"] is None:
             del out["local_rate"]
         return out
+
+
+def _checked_statistic(statistic):
+    """``statistic`` if it is None or a :class:`ClientStatistic`, else a clear error."""
+    if statistic is not None and not callable(getattr(statistic, "update", None)):
+        raise TypeError(
+            "client_statistic must be None or a ClientStatistic (with name, initial and "
+            f"update), got {statistic!r}"
+        )
+    return statistic
+
+
+def _checked_server_optimizer(optimizer, default: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``optimizer`` (``default`` for None) if it is an optax transformation, else a clear error."""
+    if optimizer is None:
+        return default
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"server_optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}"
+        )
+    return optimizer
+
+
+def _checked_share(share) -> float:
+    """``client_validation`` as a float in ``[0, 0.5]``, else a clear error."""
+    if isinstance(share, bool) or not isinstance(share, (int, float, np.floating)):
+        raise TypeError(f"client_validation must be a float in [0, 0.5], got {share!r}")
+    if not 0.0 <= float(share) <= 0.5:
+        raise ValueError(f"client_validation must be in [0, 0.5], got {share!r}")
+    return float(share)
+
+
+def _checked_buckets(buckets, widest: int) -> tuple[int, ...]:
+    """``buckets`` as a tuple of ints if strictly ascending and holding ``widest``
+    (the task's largest batch size), else a clear error."""
+    buckets = tuple(buckets)
+    if not buckets or any(
+        isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in buckets
+    ) or list(buckets) != sorted(set(buckets)):
+        raise ValueError(f"buckets must be strictly ascending ints >= 1, got {buckets!r}")
+    if buckets[-1] < widest:
+        raise ValueError(
+            f"buckets: the largest bucket {buckets[-1]} is smaller than the batch size "
+            f"{widest} that task.bounds allows; the largest bucket must be >= {widest}"
+        )
+    return tuple(int(b) for b in buckets)
 
 
 def _checked_rate(rule, server_optimizer, task):

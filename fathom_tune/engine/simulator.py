@@ -40,8 +40,9 @@ How it is fast with bounded compilation:
   client per device, their batches gathered on the host per chunk of steps:
   a compiled loop around a convolution step was measured many times slower.
   On XLA:CPU every program compiles its convolutions with XLA's own emitter,
-  not YNNPACK (``_xla_options.cpu_compiler_options``: 1.8-4x faster steps on the
-  EMNIST conv model); ``XLA_FLAGS`` naming the option overrides this.
+  not YNNPACK (:func:`~fathom_tune.engine.xla_options.cpu_compiler_options`:
+  1.8-4x faster steps on the EMNIST conv model); ``XLA_FLAGS`` naming the
+  option overrides this.
 * Every local device: the clients of a block are split over a mesh of all
   local devices (``devices=``; ``jax.shard_map`` over a ``"clients"`` axis)
   and their updates summed across it; one device runs the same code unsplit.
@@ -56,36 +57,44 @@ share of every client's training examples (a fixed split per seed and client)
 and reports each client's validation loss before (the server model) and after
 its local training; both passes count in the ledger as examples processed.
 Engines without it compute none of this.
+
+Where it lives: :class:`Engine` (here) checks its arguments, chooses the
+layout and runs a round's common part (hyperparameters, the ledger, the
+result); the round itself runs on one of two path objects,
+:class:`~fathom_tune.engine.resident.ResidentPath` or
+:class:`~fathom_tune.engine.host.HostPath`, each given a
+:class:`~fathom_tune.engine.blocks.PathContext` once; the compiled programs
+are in :mod:`~fathom_tune.engine.programs` and the client data in
+:mod:`~fathom_tune.engine.data`.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-import fedjax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from fathom_tune import checks
-from fathom_tune.engine.batching import (
-    default_buckets,
-    fine_buckets,
-    sample_clients,
-)
+from fathom_tune.engine.blocks import PathContext, client_outputs
+from fathom_tune.engine.data import ClientData
 from fathom_tune.engine.hooks import ClientStatistic, LocalRate
-from fathom_tune.engine.programs import (
-    LARGE_MODEL_EQNS,
-    count_eqns,
-    describe_optimizer,
-    programs,
-)
+from fathom_tune.engine.host import HostPath
+from fathom_tune.engine.layout import Layout
+from fathom_tune.engine.program_spec import ProgramSpec
+from fathom_tune.engine.programs import describe_optimizer, programs
+from fathom_tune.engine.resident import ResidentPath
 from fathom_tune.engine.results import Cost, RoundResult, ServerState
-from fathom_tune.engine.round_paths import _RoundPaths
-from fathom_tune.engine.settings import EngineSettings, _checked_rate, _local_devices
+from fathom_tune.engine.settings import (
+    EngineSettings,
+    _checked_rate,
+    _checked_server_optimizer,
+    _checked_share,
+    _checked_statistic,
+    _local_devices,
+)
 from fathom_tune.hparams import ClientHParams, HParams
 from fathom_tune.task import Task
 
@@ -97,7 +106,7 @@ FEDAVG_SERVER = optax.sgd(1.0)
 default engines share compiled programs)."""
 
 
-class Engine(_RoundPaths):
+class Engine:
     """FedAvg on a :class:`~fathom_tune.Task` with per-round hyperparameters.
 
     Args:
@@ -191,96 +200,55 @@ class Engine(_RoundPaths):
     ):
         if not isinstance(task, Task):
             raise TypeError(f"task must be a fathom_tune.Task, got {type(task).__name__}")
-        seed = checks.seed("seed", seed)
-        if client_statistic is not None and not callable(getattr(client_statistic, "update", None)):
-            raise TypeError(
-                "client_statistic must be None or a ClientStatistic (with name, initial and "
-                f"update), got {client_statistic!r}"
-            )
-        if server_optimizer is None:
-            server_optimizer = FEDAVG_SERVER
-        if not isinstance(server_optimizer, optax.GradientTransformation):
-            raise TypeError(
-                "server_optimizer must be an optax.GradientTransformation, "
-                f"got {type(server_optimizer).__name__}"
-            )
         self.task = task
-        self.seed = int(seed)
-        self.server_optimizer = server_optimizer
+        self.seed = int(checks.seed("seed", seed))
+        self.client_statistic = _checked_statistic(client_statistic)
+        self.server_optimizer = _checked_server_optimizer(server_optimizer, FEDAVG_SERVER)
         self.clients_per_round = task.clients_per_round
         self.eval_batch_size = checks.positive_int("eval_batch_size", eval_batch_size)
-        self.client_statistic = client_statistic
-        self.local_rate = _checked_rate(local_rate, server_optimizer, task)
-        if isinstance(client_validation, bool) or not isinstance(client_validation, (int, float, np.floating)):
-            raise TypeError(f"client_validation must be a float in [0, 0.5], got {client_validation!r}")
-        if not 0.0 <= float(client_validation) <= 0.5:
-            raise ValueError(f"client_validation must be in [0, 0.5], got {client_validation!r}")
-        self.client_validation = float(client_validation)
-
-        self._client_ids = tuple(task.train.client_ids())
-        full_sizes = np.array([task.train.client_size(c) for c in self._client_ids])
-        self._held_sizes = np.array([self._held_out(int(n)) for n in full_sizes], dtype=np.int64)
-        self._client_sizes = full_sizes - self._held_sizes
-        self._examples: dict[int, Mapping[str, np.ndarray]] = {}
-        self._validation: dict[int, Mapping[str, np.ndarray]] = {}
+        self.local_rate = _checked_rate(local_rate, self.server_optimizer, task)
+        self.client_validation = _checked_share(client_validation)
+        self._data = ClientData(task, self.seed, self.client_validation)
         self.devices = _local_devices(devices)
-        n_dev = len(self.devices)
-        cpu_kind = self._cpu_kind() if jax.default_backend() == "cpu" else None
-        one_at_a_time = cpu_kind is not None
-        if client_block is None:
-            client_block = n_dev if one_at_a_time else -(-self.clients_per_round // n_dev) * n_dev
-        block = checks.positive_int("client_block", client_block)
-        if block % n_dev:
-            raise ValueError(
-                f"client_block must be a multiple of the {n_dev} devices the clients are split over, "
-                f"got {block}; pass devices=1 to train on one device"
-            )
-        self.client_block = min(block, -(-self.clients_per_round // n_dev) * n_dev)
-        per_device = self.client_block // n_dev
-        self.resident_bytes = checks.positive_int("resident_bytes", resident_bytes)
-        self.resident = self._fits_on_devices(per_device)
-        if steps_per_call is None:
-            # One client per device: compute-bound, no step wasted. Resident: the
-            # compiled loop runs only the chunks needed, 1 step each measured no
-            # slower than 2-8 on digits. Gathered on the host: 4 per call.
-            steps_per_call = 1 if per_device == 1 or self.resident else 4
-        self.steps_per_call = checks.positive_int("steps_per_call", steps_per_call)
-        if buckets is None:
-            # Close buckets where a step is compute-bound and compiles fast (convolutions);
-            # the LSTM's programs compile for tens of seconds each, so it keeps the
-            # coarse ladder.
-            buckets = fine_buckets() if cpu_kind == "conv" and per_device == 1 else default_buckets()
-        buckets = tuple(buckets)
-        if not buckets or any(
-            isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in buckets
-        ) or list(buckets) != sorted(set(buckets)):
-            raise ValueError(f"buckets must be strictly ascending ints >= 1, got {buckets!r}")
-        widest = task.bounds.upper.batch_int
-        if buckets[-1] < widest:
-            raise ValueError(
-                f"buckets: the largest bucket {buckets[-1]} is smaller than the batch size "
-                f"{widest} that task.bounds allows; the largest bucket must be >= {widest}"
-            )
-        self.buckets = tuple(int(b) for b in buckets)
-        self._resident: dict | None = None
-        self._zero_update = None
-        self._rungs: dict[int, int] = {}  # bucket -> chunks its plans hold
-        self._ahead = None  # the next round's draws (_round_paths._Ahead), made while one computes
-        self._eval_batches: dict[str, list] = {}
-        self._programs = programs(
-            task.model,
-            server_optimizer,
-            self.client_block,
-            self.steps_per_call,
-            client_statistic,
-            self.local_rate,
-            self.devices,
+        layout = Layout.choose(
+            task.model, self._data, self.devices, self.clients_per_round, task.bounds.upper.batch_int,
+            client_block, resident_bytes, steps_per_call, buckets,
         )
+        self.client_block, self.steps_per_call, self.buckets = layout.client_block, layout.steps_per_call, layout.buckets
+        self.resident, self.resident_bytes = layout.resident, layout.resident_bytes
+        spec = ProgramSpec(
+            task.model, self.server_optimizer, self.client_block, self.steps_per_call, client_statistic,
+            self.local_rate, self.devices,
+        )
+        self._programs = programs(spec)
         self._param_shapes = jax.eval_shape(task.model.init, jax.random.PRNGKey(0))
         self.param_bytes = int(
             sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self._param_shapes))
         )
         self._settings: EngineSettings | None = None
+        self._path_ctx = self._path_context()
+        self._path = (ResidentPath if self.resident else HostPath)(self._path_ctx)
+
+    def _path_context(self) -> PathContext:
+        """What the round path is given (it reads nothing else of the engine)."""
+        data = self._data
+        return PathContext(
+            programs=self._programs,
+            seed=self.seed,
+            sizes=data.sizes,
+            held=data.held,
+            examples=data.examples,
+            validation=data.validation,
+            example_bytes=data.example_bytes,
+            buckets=self.buckets,
+            steps_per_call=self.steps_per_call,
+            client_block=self.client_block,
+            clients_per_round=self.clients_per_round,
+            statistic_start=0.0 if self.client_statistic is None else float(self.client_statistic.initial),
+            local_rate=self.local_rate is not None,
+            validate=self.client_validation > 0.0,
+            most_epochs=self.task.bounds.upper.local_epochs,
+        )
 
     @property
     def settings(self) -> EngineSettings:
@@ -298,25 +266,6 @@ class Engine(_RoundPaths):
                 local_rate=None if self.local_rate is None else str(self.local_rate.name),
             )
         return self._settings
-
-    def _cpu_kind(self) -> str | None:
-        """Whether XLA:CPU should train this model one client at a time, and why:
-        ``"conv"``, ``"long"`` or None (no: vmap the clients).
-
-        Yes for convolutions (see ``client_block``) and for models whose
-        forward pass on one example is longer than :data:`LARGE_MODEL_EQNS`
-        operations, such as FedJAX's statically unrolled LSTMs: vmapping
-        them over clients multiplied compile time and slowed each round
-        (small Shakespeare, BENCHMARKS.md: 102 s to compile one bucket with
-        10 clients vmapped and 8 steps per call, 28 s one client at a time).
-        """
-        model = self.task.model
-        sample = {k: v[:1] for k, v in self._client_examples(0).items()}
-        params = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-        jaxpr = jax.make_jaxpr(model.apply_for_train)(params, sample, jax.random.PRNGKey(0))
-        if "conv_general_dilated" in str(jaxpr):
-            return "conv"
-        return "long" if count_eqns(jaxpr.jaxpr) > LARGE_MODEL_EQNS else None
 
     # ----------------------------------------------------------------- programs
     @property
@@ -339,12 +288,6 @@ class Engine(_RoundPaths):
         params = self._programs.init(jax.random.PRNGKey(self.seed))
         return ServerState(params=params, opt_state=self.server_optimizer.init(params), round=0)
 
-    def _held_out(self, n: int) -> int:
-        """Validation examples held out of a client with ``n`` training examples."""
-        if self.client_validation == 0.0 or n < 2:
-            return 0
-        return min(math.ceil(self.client_validation * n), n - 1)
-
     def client_split(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Indices of client ``index``'s examples that it trains on, and its validation part.
 
@@ -353,28 +296,7 @@ class Engine(_RoundPaths):
         permutation drawn from ``(seed, index)``; without ``client_validation``
         every example trains.
         """
-        n = int(self._client_sizes[index] + self._held_sizes[index])
-        held = int(self._held_sizes[index])
-        if held == 0:
-            return np.arange(n), np.arange(0)
-        perm = np.random.default_rng(np.random.SeedSequence([self.seed, index, 0xC1])).permutation(n)
-        return np.sort(perm[held:]), np.sort(perm[:held])
-
-    def _client_examples(self, index: int) -> Mapping[str, np.ndarray]:
-        ex = self._examples.get(index)
-        if ex is None:
-            ds = self.task.train.get_client(self._client_ids[index])
-            ex = {k: np.asarray(v) for k, v in ds.all_examples().items()}
-            if self.client_validation > 0.0:
-                train, val = self.client_split(index)
-                self._validation[index] = {k: v[val] for k, v in ex.items()}
-                ex = {k: v[train] for k, v in ex.items()}
-            self._examples[index] = ex
-        return ex
-
-    def _client_validation(self, index: int) -> Mapping[str, np.ndarray]:
-        self._client_examples(index)
-        return self._validation[index]
+        return self._data.split(index)
 
     # ------------------------------------------------------------------- round
     def run_round(
@@ -388,6 +310,57 @@ class Engine(_RoundPaths):
                 client, or a :class:`~fathom_tune.hparams.ClientHParams` with one
                 per sampled client, in the order of :meth:`sampled`.
         """
+        per_client = self._per_client(state, hparams)
+        t0 = time.perf_counter()
+        rnd = state.round
+        draws = self._path.draws(rnd, per_client or hparams)
+        sizes = self._data.sizes[draws.sampled]
+        if per_client:
+            etas = np.array([hp.learning_rate for hp in per_client], np.float32)
+        else:
+            etas = np.full(len(sizes), hparams.learning_rate, np.float32)
+        weights = sizes / sizes.sum()
+        new_params, opt_state, u, pending = self._path.train(state, draws, etas, weights)
+        # The server optimizer's scalars (a step count, FATHOM's H) are copied to the
+        # host while the round computes: a schedule that reads one does not wait then.
+        for leaf in jax.tree_util.tree_leaves(opt_state):
+            if getattr(leaf, "ndim", None) == 0 and hasattr(leaf, "copy_to_host_async"):
+                leaf.copy_to_host_async()
+        self._path.draw_ahead(rnd + 1, None if per_client else hparams)
+        validate = self.client_validation > 0.0
+        held = self._data.held[draws.sampled]
+        out = client_outputs(pending, draws.steps, held, self._path_ctx)
+        jax.block_until_ready(new_params)
+        cost = Cost.of_round(
+            draws.steps,
+            draws.b_ints,
+            model_bytes=self.param_bytes,
+            reply_scalar_bytes=12 + (8 if validate else 0),
+            extra_examples=2 * int(held.sum()) if validate else 0,
+            seconds=time.perf_counter() - t0,
+        )
+        result = RoundResult(
+            round=rnd,
+            hparams=hparams.summary if per_client else hparams,
+            client_ids=tuple(self._data.ids[i] for i in draws.sampled),
+            num_examples=sizes.copy(),
+            local_steps=draws.steps,
+            statistic=None if self.client_statistic is None else out["statistic"],
+            client_loss=out["loss"],
+            train_loss=float(np.dot(weights, out["loss"])),
+            update=u,
+            cost=cost,
+            client_hparams=per_client,
+            validation_before=out["before"] if validate else None,
+            validation_after=out["after"] if validate else None,
+            validation_size=held.copy() if validate else None,
+            opt_state=opt_state,
+            local_rate=None if self.local_rate is None else out["rate"],
+        )
+        return ServerState(params=new_params, opt_state=opt_state, round=rnd + 1), result
+
+    def _per_client(self, state, hparams) -> tuple[HParams, ...] | None:
+        """The round's per-client hyperparameters (None for one :class:`HParams`), checked."""
         if not isinstance(state, ServerState):
             raise TypeError(f"state must be a ServerState, got {type(state).__name__}")
         if isinstance(hparams, ClientHParams):
@@ -396,107 +369,14 @@ class Engine(_RoundPaths):
                     f"hparams holds {len(hparams.clients)} clients' hyperparameters; this task "
                     f"samples {self.clients_per_round} clients per round"
                 )
-            per_client = hparams.clients
-        elif isinstance(hparams, HParams):
-            per_client = None
-        else:
-            raise TypeError(f"hparams must be an HParams or a ClientHParams, got {type(hparams).__name__}")
-        t0 = time.perf_counter()
-        rnd = state.round
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead.round != rnd:
-            ahead = None
-        sampled = ahead.sampled if ahead is not None else self.sampled(rnd)
-        sizes = self._client_sizes[sampled]
-        steps, b_ints = self._client_steps(per_client or hparams, sizes)
-        if per_client:
-            etas = np.array([hp.learning_rate for hp in per_client], np.float32)
-        else:
-            etas = np.full(len(sampled), hparams.learning_rate, np.float32)
-        weights_all = sizes / sizes.sum()
-        validate = self.client_validation > 0.0
-
-        if ahead is not None and np.array_equal(ahead.steps, steps) and np.array_equal(ahead.b_ints, b_ints):
-            blocks = ahead.blocks  # drawn ahead with its batch plans
-        else:
-            blocks = self._blocks(steps, b_ints)
-        stat0 = 0.0 if self.client_statistic is None else float(self.client_statistic.initial)
-        stat = np.full(len(sampled), stat0, np.float64)
-        loss = np.zeros(len(sampled), np.float64)
-        val_before = np.zeros(len(sampled), np.float64)
-        val_after = np.zeros(len(sampled), np.float64)
-        rate = np.zeros(len(sampled), np.float64)
-        resident = self._resident_data() is not None
-        args = (state, blocks, sampled, steps, b_ints, etas, weights_all, stat0, validate)
-        if resident:
-            new_params, opt_state, u, pending = self._resident_blocks(*args, ahead)
-        else:
-            new_params, opt_state, u, pending = self._host_blocks(*args)
-        # The server optimizer's scalars (a step count, FATHOM's H) are copied to the
-        # host while the round computes: a schedule that reads one does not wait then.
-        for leaf in jax.tree_util.tree_leaves(opt_state):
-            if getattr(leaf, "ndim", None) == 0 and hasattr(leaf, "copy_to_host_async"):
-                leaf.copy_to_host_async()
-        if resident:
-            self._draw_ahead(rnd + 1, None if per_client else hparams)
-        held = self._held_sizes[sampled]
-        for members, out in pending:
-            out = np.asarray(out)[:, : len(members)]  # statistic, loss, validation before, after, rate
-            stat[members] = out[0]
-            loss[members] = out[1] / steps[members]
-            rate[members] = out[4]
-            if validate:
-                n_val = np.maximum(held[members], 1)
-                val_before[members] = out[2] / n_val
-                val_after[members] = out[3] / n_val
-        jax.block_until_ready(new_params)
-        seconds = time.perf_counter() - t0
-        n_clients = len(sampled)
-        trained = int(np.dot(steps, b_ints))
-        cost = Cost(
-            rounds=1,
-            examples=trained + (2 * int(held.sum()) if validate else 0),
-            steps=int(steps.sum()),
-            bytes_down=n_clients * self.param_bytes,
-            bytes_up=n_clients * (self.param_bytes + 12 + (8 if validate else 0)),
-            seconds=seconds,
-        )
-        result = RoundResult(
-            round=rnd,
-            hparams=hparams.summary if per_client else hparams,
-            client_ids=tuple(self._client_ids[i] for i in sampled),
-            num_examples=sizes.copy(),
-            local_steps=steps,
-            statistic=None if self.client_statistic is None else stat,
-            client_loss=loss,
-            train_loss=float(np.dot(weights_all, loss)),
-            update=u,
-            cost=cost,
-            client_hparams=per_client,
-            validation_before=val_before if validate else None,
-            validation_after=val_after if validate else None,
-            validation_size=held.copy() if validate else None,
-            opt_state=opt_state,
-            local_rate=None if self.local_rate is None else rate,
-        )
-        return ServerState(params=new_params, opt_state=opt_state, round=rnd + 1), result
+            return hparams.clients
+        if isinstance(hparams, HParams):
+            return None
+        raise TypeError(f"hparams must be an HParams or a ClientHParams, got {type(hparams).__name__}")
 
     def sampled(self, round_index: int) -> np.ndarray:
         """Indices (into ``task.train.client_ids()``) of the clients of round ``round_index``."""
-        return sample_clients(self.seed, round_index, len(self._client_ids), self.clients_per_round)
-
-    def _blocks(self, steps: np.ndarray, b_ints: np.ndarray) -> list[np.ndarray]:
-        """The round's clients in blocks of at most ``client_block`` with one batch size each,
-        clients with similar ``K_i`` together."""
-        if (b_ints == b_ints[0]).all():
-            order = np.argsort(-steps, kind="stable")
-            return [order[i : i + self.client_block] for i in range(0, len(order), self.client_block)]
-        out = []
-        for b in np.unique(b_ints):
-            group = np.flatnonzero(b_ints == b)
-            group = group[np.argsort(-steps[group], kind="stable")]
-            out.extend(group[i : i + self.client_block] for i in range(0, len(group), self.client_block))
-        return out
+        return self._path_ctx.sampled(round_index)
 
     # -------------------------------------------------------------- evaluation
     def evaluate(self, params, split: str = "validation") -> dict[str, float]:
@@ -508,24 +388,5 @@ class Engine(_RoundPaths):
         """
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
-        batches = self._eval_batches.get(split)
-        if batches is None:
-            batches = self._eval_batches[split] = self._pooled_batches(getattr(self.task, split))
-        out = self._programs.evaluate(params, batches)
+        out = self._programs.evaluate(params, self._data.pooled(split, self.eval_batch_size))
         return {k: float(v) for k, v in out.items()}
-
-    def _pooled_batches(self, fd: fedjax.FederatedData):
-        parts = [ds.all_examples() for _, ds in fd.clients()]
-        pooled = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
-        n = len(next(iter(pooled.values())))
-        size = min(self.eval_batch_size, n)
-        nb = -(-n // size)
-        out = {}
-        for k, v in pooled.items():
-            buf = np.zeros((nb * size,) + v.shape[1:], v.dtype)
-            buf[:n] = v
-            out[k] = jnp.asarray(buf.reshape((nb, size) + v.shape[1:]))
-        mask = np.zeros(nb * size, bool)
-        mask[:n] = True
-        out[fedjax.EXAMPLE_MASK_KEY] = jnp.asarray(mask.reshape(nb, size))
-        return out

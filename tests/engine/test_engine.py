@@ -147,17 +147,17 @@ def test_resident_rounds_train_on_each_clients_shuffles_drawn_ahead_or_not(monke
         eng = Engine(task, seed=3)
         assert eng.resident
         used = []
-        real_call, real_ahead = eng._programs.block_round, eng._draw_ahead
+        real_call, real_ahead = eng._programs.block_round, eng._path.draw_ahead
 
         def block_round(x0, opt_state, u, data, plan, ints, *rest):
             used.append((plan, ints, any(plan is q for q in getattr(ahead[0], "plans", ()))))
             return real_call(x0, opt_state, u, data, plan, ints, *rest)
 
         monkeypatch.setattr(eng._programs, "block_round", block_round)
-        monkeypatch.setattr(eng, "_draw_ahead", lambda r, hp: real_ahead(r, hp if draw_plans else None))
+        monkeypatch.setattr(eng._path, "draw_ahead", lambda r, hp: real_ahead(r, hp if draw_plans else None))
         s = eng.init()
         for hp, _ in hps:
-            ahead = [eng._ahead]
+            ahead = [eng._path._ahead]
             s, res = eng.run_round(s, hp)
             each = hp.clients if isinstance(hp, ClientHParams) else [hp] * len(res.num_examples)
             assert list(res.local_steps) == [h.local_steps(int(n)) for h, n in zip(each, res.num_examples)]
@@ -166,13 +166,13 @@ def test_resident_rounds_train_on_each_clients_shuffles_drawn_ahead_or_not(monke
 
     eng, used, params = run(True)
     assert [hit for _, _, hit in used] == [hit for _, hit in hps]
-    offsets = np.concatenate([[0], np.cumsum(eng._client_sizes)[:-1]])
+    offsets = np.concatenate([[0], np.cumsum(eng._data.sizes)[:-1]])
     for rnd, (plan, ints, _) in enumerate(used):
         p = eng.client_block
         b = int(ints[2 * p])
         for j in range(p):
             k, c = int(ints[j]), int(ints[p + j])
-            own = batch_indices(int(eng._client_sizes[c]), k, b, client_rng(3, rnd, c))
+            own = batch_indices(int(eng._data.sizes[c]), k, b, client_rng(3, rnd, c))
             np.testing.assert_array_equal(plan[j, :k, :b], own + offsets[c])
             assert (plan[j, :k, b:] == offsets[c]).all()
     assert used[6][0].shape[1] > used[4][0].shape[1]  # E = 14 at B = 1 grew the plan
@@ -191,14 +191,14 @@ def test_host_rounds_train_on_each_clients_shuffles_however_many_calls_a_gather_
     at example 0; the block's empty slot repeats its first client), whether one
     gather serves one call, three or all of them; the model is bit for bit the
     same either way."""
-    import fathom_tune.engine.round_paths as round_paths
+    from fathom_tune.engine import host
 
     task = toy_task(sizes=(30, 47, 12, 64, 5), clients_per_round=3)
     hp = HParams(0.2, 1.5, 7.0)  # bucket 8; K = 7, 11, 3, 14, 2 by client
 
     def run(span_bytes):
         if span_bytes is not None:  # 1: a gather per call; else 3 calls of 2 clients x 2 steps x 8 x 17 floats
-            monkeypatch.setattr(round_paths, "GATHER_BYTES", span_bytes)
+            monkeypatch.setattr(host, "GATHER_BYTES", span_bytes)
         eng = Engine(task, seed=3, resident_bytes=1, client_block=2, steps_per_call=2)
         assert not eng.resident
         calls, real = [], eng._programs.local_steps
@@ -227,8 +227,8 @@ def test_host_rounds_train_on_each_clients_shuffles_however_many_calls_a_gather_
                 for key in ("x", "y"):
                     np.testing.assert_array_equal(call["batches"][key][j], call["batches"][key][0])
                 continue
-            ex = eng._client_examples(int(c))
-            own = batch_indices(int(eng._client_sizes[c]), int(k), 7, client_rng(3, rnd, int(c)))
+            ex = eng._data.examples(int(c))
+            own = batch_indices(int(eng._data.sizes[c]), int(k), 7, client_rng(3, rnd, int(c)))
             for s in range(2):
                 step = call["step0"] + s
                 want = np.zeros(8, np.int64)
