@@ -36,7 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from fathom_tune import checks, record
 from fathom_tune.engine import Cost, Engine, sample_clients
-from fathom_tune.hparams import NAMES, Bounds, HParams
+from fathom_tune.hparams import NAMES, Bounds, HParams, local_step_counts
 from fathom_tune.storage import checkpoint as ckpt
 from fathom_tune.task import Task
 from fathom_tune.loop import Progress, Static
@@ -163,9 +163,8 @@ def projected_cost(
     """
     num_rounds = checks.positive_int("num_rounds", task.num_rounds if num_rounds is None else num_rounds)
     sizes = _sampled_sizes(task, seed, num_rounds)
-    steps = np.vectorize(hparams.local_steps, otypes=[np.int64])(sizes)
-    total = int(steps.sum())
-    return Cost(rounds=num_rounds, examples=total * hparams.batch_int, steps=total)
+    steps = local_step_counts(hparams.local_epochs, sizes, hparams.batch_int)
+    return Cost.of_round(steps, hparams.batch_int, rounds=num_rounds)
 
 
 def cheapest_examples(task: Task, space: Bounds, *, seed: int) -> int:

@@ -55,7 +55,7 @@ import numpy as np
 from flwr.app import MetricRecord, RecordDict
 
 from fathom_tune import checks
-from fathom_tune.engine import batch_indices, client_rng
+from fathom_tune.engine import batching, client_rng
 from fathom_tune.engine.xla_options import compiler_options
 from fathom_tune.fathom import ClientTracker
 from fathom_tune.flower import protocol
@@ -122,7 +122,7 @@ def batch_plan(num_examples: int, hparams: HParams, rng: np.random.Generator) ->
         raise TypeError(f"hparams must be an HParams, got {hparams!r}")
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    return batch_indices(n, hparams.local_steps(n), hparams.batch_int, rng)
+    return batching.batch_plan(batching.Shuffles(rng, n), hparams.local_steps(n), hparams.batch_int)
 
 
 def fedjax_grad_fn(model) -> GradFn:

@@ -184,13 +184,12 @@ def round_cost(x0: dict, replies: Replies, hparams: HParams, sampled: int, secon
     metrics (8 bytes each) from each reply. Bytes count the payload, not
     Flower's message overhead.
     """
-    model_bytes = sum(v.nbytes for v in x0.values())
-    steps = int(replies.local_steps.sum())
-    return Cost(
-        rounds=1,
-        examples=steps * hparams.batch_int,
-        steps=steps,
-        bytes_down=sampled * model_bytes,
-        bytes_up=len(replies.node_ids) * (model_bytes + 8 * len(protocol.REPLY_METRICS)),
-        seconds=float(seconds),
+    return Cost.of_round(
+        replies.local_steps,
+        hparams.batch_int,
+        model_bytes=sum(v.nbytes for v in x0.values()),
+        reply_scalar_bytes=8 * len(protocol.REPLY_METRICS),
+        sent=sampled,
+        replies=len(replies.node_ids),
+        seconds=seconds,
     )
