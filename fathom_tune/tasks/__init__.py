@@ -22,6 +22,7 @@ from fathom_tune.task import Task
 from fathom_tune.tasks.arrays import from_arrays
 from fathom_tune.tasks.digits import digits
 from fathom_tune.tasks.emnist import emnist
+from fathom_tune.tasks.fashion_mnist import fashion_mnist
 from fathom_tune.tasks.models import ready_model
 from fathom_tune.tasks.own_data import from_clients, holdout_clients
 from fathom_tune.tasks.shakespeare import shakespeare
@@ -58,6 +59,7 @@ __all__ = [
     "REGISTRY",
     "digits",
     "emnist",
+    "fashion_mnist",
     "from_arrays",
     "from_clients",
     "get",
