@@ -16,12 +16,15 @@ import sys
 import tempfile
 import threading
 
-__all__ = ["TASKS", "dashboard_command", "interruptible", "storage_problem", "unwritable_reason"]
+__all__ = ["STARTS", "TASKS", "dashboard_command", "interruptible", "storage_problem", "unwritable_reason"]
 
 SQLITE = "sqlite:///"
 TASKS = ("digits", "shakespeare", "synthetic")
 """The built-in offline tasks, ``fathom_tune.tasks.REGISTRY``'s names, named here so that
 ``--help`` needs no JAX (a test keeps the two equal)."""
+STARTS = ("default", "eta/10", "eta*10", "B=4", "B=256")
+"""The starting points ``studies.compare --starts`` takes, relative to the task's default
+hyperparameters (:mod:`studies.starts`), named here so that ``--help`` needs no JAX."""
 URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # what fathom_tune.open_storage takes for a URL
 
 

@@ -5,6 +5,7 @@ Usage:
     python -m studies.compare [--task digits] [--tuners fathom fedex fedhyper random tpe tpe+hyperband]
                               [--seeds 0 1 2] [--budget-multiple 10 | --budget-rounds N]
                               [--rounds N] [--storage URL] [--out reports]
+                              [--starts default eta/10 eta*10 B=4 B=256]
 
 Every registered tuner (:mod:`fathom_tune.tuners`: FATHOM, "Federated
 Hypergradient Descent", A. K. Kan, arXiv 2211.02106; the search baselines;
@@ -33,6 +34,15 @@ study (or a peer's) that holds its whole run is read back; one that holds part o
 continues from its checkpoint and ends as an uninterrupted run would (one
 without a checkpoint is run again).
 
+``--starts``: every tuner runs from each start named (:mod:`studies.starts`:
+the task's ``init_hparams`` replaced by the start, clipped to the task's
+bounds), and so does static FedAvg, the reference ("not tuning"), recorded
+in the same storage as the study ``<task>/fedavg/seed<k>``; a start other
+than ``default`` names its studies' task ``<task>@<start>`` (``eta/10`` is
+``@eta*0.1``): ``digits@eta*10/fathom/seed0``. The report gains a table and a
+figure of each tuner against static FedAvg from the same start, every loss
+flagged. Without ``--starts`` nothing of this runs.
+
 ``--quick``: digits, tuners ``fathom fathom+server fedex fedhyper random tpe tpe+hyperband``, seeds 0 and 1,
 training runs of 50 rounds, baseline budget 6 runs (300 rounds): a few
 minutes on two CPU cores, compilation included.
@@ -50,6 +60,7 @@ import time
 
 from studies._cli import (
     SQLITE,
+    STARTS,
     dashboard_command,
     interruptible,
     storage_problem,
@@ -138,6 +149,15 @@ def _parser() -> argparse.ArgumentParser:
         default="reports",
         help="output directory (default: reports); the report goes to <out>/<task>/",
     )
+    p.add_argument(
+        "--starts",
+        nargs="+",
+        default=None,
+        metavar="START",
+        help=f"run every tuner and static FedAvg from each of these starts ({' '.join(STARTS)}) "
+        "and report each tuner against static FedAvg from the same start (default: none, the "
+        "task's own start only)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -154,10 +174,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.rounds = quick.get("rounds")
     if args.budget_multiple is None and args.budget_rounds is None:
         args.budget_multiple = quick.get("budget_multiple", DEFAULT_MULTIPLE)
+    if args.starts is not None:
+        unknown = [s for s in args.starts if s not in STARTS]
+        if unknown:
+            parser.error(
+                f"--starts: unknown start(s) {', '.join(map(repr, unknown))}; valid starts: {', '.join(STARTS)}"
+            )
+        if len(set(args.starts)) != len(args.starts):
+            parser.error(f"--starts lists a start twice: {args.starts}")
 
     import fathom_tune
     from fathom_tune import tuners
+    from studies.starts import REFERENCE, start_task
 
+    if args.starts is not None:  # static FedAvg is every start's reference: named or not, it runs
+        args.tuners = [t for t in args.tuners if t != REFERENCE]
     if args.task not in fathom_tune.tasks.REGISTRY:
         parser.error(
             f"--task: unknown task {args.task!r}; valid tasks: {', '.join(sorted(fathom_tune.tasks.REGISTRY))}"
@@ -189,6 +220,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.rounds is not None:
         task = task.replace(num_rounds=args.rounds, eval_every=min(task.eval_every, args.rounds))
     args.task_obj = task
+    args.runs = [(None, task)] if args.starts is None else [(s, start_task(task, s)) for s in args.starts]
     if args.budget_rounds is None:
         args.budget_rounds = round(args.budget_multiple * task.num_rounds)
     if args.budget_rounds < task.num_rounds:
@@ -223,9 +255,8 @@ def _check_existing(storage, args) -> str | None:
 
     from fathom_tune import record
 
-    task = args.task_obj
     names = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
-    for tuner in args.tuners:
+    for _, task, tuner in _plan(args):
         for seed in args.seeds:
             name = record.study_name(task.name, tuner, seed)
             if name not in names or not names[name].n_trials:
@@ -239,17 +270,37 @@ def _check_existing(storage, args) -> str | None:
     return None
 
 
+def _plan(args) -> list[tuple]:
+    """``(start label or None, task, tuner)`` of every run of one seed, in order: per start,
+    static FedAvg first (with ``--starts``), then the tuners."""
+    from studies.starts import REFERENCE
+
+    return [
+        (label, task, tuner)
+        for label, task in args.runs
+        for tuner in ([] if label is None else [REFERENCE]) + list(args.tuners)
+    ]
+
+
+def _tuner(name: str):
+    """The registered tuner ``name``, or the reference, static FedAvg."""
+    from fathom_tune import tuners
+    from studies.starts import REFERENCE, StaticFedAvg
+
+    return {REFERENCE: StaticFedAvg}.get(name, lambda: tuners.get(name))()
+
+
 def _run_tuner(name: str, storage, task, seed: int, budget: int, progress: bool, out_root) -> str:
     """Runs (or continues) one tuner on one seed; returns a line for the log."""
     import optuna
 
-    from fathom_tune import record, tuners
+    from fathom_tune import record
 
     study = record.study_name(task.name, name, seed)
     before = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}.get(study, 0)
     checkpoints = out_root / "checkpoints"
     checkpoints.mkdir(exist_ok=True)
-    result = tuners.get(name).run(
+    result = _tuner(name).run(
         task, budget_rounds=budget, seed=seed, storage=storage, checkpoint_dir=checkpoints, progress=progress
     )
     trials = len(result.study.trials)
@@ -312,23 +363,27 @@ def _compare(args, out_root: pathlib.Path, out_created: bool) -> int:
     logging.getLogger("fathom_tune.rounds").setLevel(logging.WARNING)
     task = args.task_obj
     start = time.perf_counter()
+    starts = "" if args.starts is None else f" and static FedAvg from the starts {', '.join(args.starts)}"
     print(
-        f"comparing {', '.join(args.tuners)} on {task.name}, seeds {args.seeds}: runs of "
+        f"comparing {', '.join(args.tuners)}{starts} on {task.name}, seeds {args.seeds}: runs of "
         f"{task.num_rounds} rounds, a budget of {args.budget_rounds} rounds each; storage "
         f"{mask_url(args.storage)}",
         flush=True,
     )
     with interruptible():
         for seed in args.seeds:
-            for tuner in args.tuners:
-                line = _run_tuner(tuner, storage, task, seed, args.budget_rounds, not args.no_progress, out_root)
+            for _, run_task, tuner in _plan(args):
+                line = _run_tuner(tuner, storage, run_task, seed, args.budget_rounds, not args.no_progress, out_root)
                 print(line, flush=True)
     artifacts = out_root / "artifacts"
+    kept = list(dict.fromkeys(t for _, _, t in _plan(args)))
     report = build_report(
-        args.storage, task.name, args.report_dir, tuners=args.tuners, seeds=args.seeds, artifact_dir=artifacts
+        args.storage, task.name, args.report_dir, tuners=kept, seeds=args.seeds, artifact_dir=artifacts,
+        starts=args.starts,
     )
     with interruptible():
-        publish(storage, task.name, args.report_dir, artifacts, tuners=args.tuners, seeds=args.seeds)
+        for _, run_task in args.runs:
+            publish(storage, run_task.name, args.report_dir, artifacts, tuners=kept, seeds=args.seeds)
     print(
         f"report: {report} ({time.perf_counter() - start:.0f} s); "
         f"dashboard: {dashboard_command(args.storage, artifacts)}"

@@ -7,10 +7,13 @@ tuner wrote a run.
 
 from __future__ import annotations
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")
 
+import matplotlib.lines  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
@@ -21,7 +24,7 @@ from fathom_tune.hparams import NAMES  # noqa: E402
 from fathom_tune.record import RunRecord  # noqa: E402
 from fathom_tune.task import Target  # noqa: E402
 
-__all__ = ["best_so_far", "cost_to_target", "hparams_per_round"]
+__all__ = ["best_so_far", "cost_to_target", "hparams_per_round", "versus_figure", "versus_static"]
 
 _DASHES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1)), (0, (3, 1, 1, 1, 1, 1))]
 _PLAIN = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
@@ -145,5 +148,76 @@ def cost_to_target(seeds: pd.DataFrame, path) -> None:
         ax.tick_params(axis="x", rotation=20)
     fig.suptitle("Cost until a model first reaches the target (mean ± sd over the seeds that reached it)")
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def versus_figure(table: pd.DataFrame, target: Target, run_length: int | None, reference: str):
+    """Each tuner against static FedAvg from the same start (:func:`studies.starts.versus`):
+    rounds to target (left) and the returned model's test metric (right), one group per
+    start; static FedAvg is the black bar across each group, a tuner's dot is its mean over
+    the seeds (rounds: over those that reached the target; a cross at the round cap: none
+    did), a red ring marks a loss. Returns the figure, laid out (the legend right of the axes)."""
+    starts = list(dict.fromkeys(table["start"]))
+    tuners = list(dict.fromkeys(table["tuner"]))
+    colors = dict(zip(tuners, sns.color_palette(n_colors=len(tuners))))
+    width = 0.8 / max(len(tuners), 1)
+    cap = float(run_length) if run_length else float(np.nanmax([*table["rounds_to_target_mean"], 1.0]))
+    metric = f"test {target.metric}"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, (mine, ref, loss, ylabel) in zip(axes, [
+        ("rounds_to_target_mean", "static_rounds_to_target_mean", "loss_target", "rounds to target (mean over seeds reached)"),
+        (metric, f"static {metric}", "loss_test", f"{metric} of the returned model (mean over seeds)"),
+    ]):
+        never = mine.startswith("rounds")
+        for g, start in enumerate(starts):
+            rows = table[table["start"] == start]
+            ref_value = rows[ref].iloc[0]
+            if never and not math.isfinite(ref_value):
+                ax.hlines(cap, g - 0.45, g + 0.45, color="black", lw=2.5, ls=(0, (2, 1)))
+            else:
+                ax.hlines(ref_value, g - 0.45, g + 0.45, color="black", lw=2.5)
+            for i, tuner in enumerate(tuners):
+                row = rows[rows["tuner"] == tuner]
+                if row.empty:
+                    continue
+                row, x = row.iloc[0], g - 0.4 + width * (i + 0.5)
+                y = row[mine]
+                if never and not math.isfinite(y):
+                    ax.plot(x, cap, marker="x", ms=8, mew=2, color=colors[tuner], ls="none")
+                    y = cap
+                else:
+                    ax.plot(x, y, marker="o", ms=7, color=colors[tuner], ls="none")
+                if row[loss]:
+                    ax.plot(x, y, marker="o", ms=15, mfc="none", mec="red", mew=2, ls="none")
+        if never:
+            ax.set_ylim(0, cap * 1.1)
+        ax.set_xticks(range(len(starts)), starts)
+        ax.set_xlim(-0.5, len(starts) - 0.5)
+        ax.set_xlabel("start")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_title("Rounds until validation meets the target")
+    axes[1].set_title(f"Test {target.metric} of the returned model")
+    handles = [
+        matplotlib.lines.Line2D([], [], color="black", lw=2.5, label=f"static FedAvg ({reference})"),
+        *(matplotlib.lines.Line2D([], [], color=colors[t], marker="o", ls="none", label=t) for t in tuners),
+        matplotlib.lines.Line2D([], [], color="black", lw=2.5, ls=(0, (2, 1)), label="static FedAvg never\nreached (at the cap)"),
+        matplotlib.lines.Line2D([], [], color="grey", marker="x", mew=2, ls="none", label="never reached\n(at the round cap)"),
+        matplotlib.lines.Line2D([], [], marker="o", ms=12, mfc="none", mec="red", mew=2, ls="none",
+                                label="loss vs static FedAvg"),
+    ]
+    legend = fig.legend(handles=handles, loc="center right", fontsize=9, frameon=False)
+    fig.suptitle(f"Each tuner against static FedAvg from the same start (target: validation "
+                 f"{target.metric} {'>=' if target.mode == 'max' else '<='} {target.value:g})")
+    fig.canvas.draw()
+    right = 1 - (legend.get_window_extent().width + 12) / fig.bbox.width
+    fig.tight_layout(rect=(0, 0, right, 1))
+    return fig
+
+
+def versus_static(table: pd.DataFrame, target: Target, run_length: int | None, reference: str, path) -> None:
+    """:func:`versus_figure` saved as a PNG."""
+    fig = versus_figure(table, target, run_length, reference)
     fig.savefig(path, dpi=110)
     plt.close(fig)

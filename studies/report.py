@@ -41,6 +41,7 @@ from fathom_tune.record import RunRecord, load_runs
 from studies import figures
 from studies._cli import dashboard_command
 from studies.markdown import Doc, markdown_escape, markdown_table
+from studies.starts import REFERENCE, SHOWN, study_task, versus
 
 __all__ = [
     "build_report",
@@ -197,7 +198,7 @@ def _environment() -> pd.DataFrame:
 
 
 def build_report(
-    storage, task_name: str, out_dir, *, tuners=None, seeds=None, artifact_dir=None
+    storage, task_name: str, out_dir, *, tuners=None, seeds=None, artifact_dir=None, starts=None
 ) -> pathlib.Path:
     """Writes the comparison report of ``task_name`` from ``storage`` into ``out_dir``.
 
@@ -215,6 +216,11 @@ def build_report(
         seeds: report only these seeds (default: all).
         artifact_dir: the artifact store the figures are attached to
             (:mod:`studies.dashboard`), named in the printed dashboard command.
+        starts: the starts the comparison ran (:mod:`studies.starts`), or None.
+            The report then covers the runs from the ``default`` start (else
+            from the first one) and adds each tuner against static FedAvg from
+            every start: ``versus.csv``/``versus.md``, ``versus_per_seed.csv``
+            and ``versus_static.png``.
 
     Returns:
         The path of ``report.md``.
@@ -222,9 +228,12 @@ def build_report(
     Raises:
         ValueError: the storage holds no study of ``task_name``.
     """
-    records = load_runs(storage, task_name, tuners=tuners, seeds=seeds)
+    title_task = task_name
+    if starts:
+        title_task = study_task(task_name, "default" if "default" in starts else starts[0])
+    records = load_runs(storage, title_task, tuners=tuners, seeds=seeds)
     if not records:
-        raise ValueError(f"storage holds no study named {task_name}/<tuner>/seed<k> with trials")
+        raise ValueError(f"storage holds no study named {title_task}/<tuner>/seed<k> with trials")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = records[0].target
@@ -247,7 +256,7 @@ def build_report(
     figures.cost_to_target(seeds_df, out / "rounds_to_target.png")
 
     doc = Doc()
-    doc.heading(f"FATHOM vs baselines on {task_name}", 1)
+    doc.heading(f"FATHOM vs baselines on {title_task}", 1)
     doc.para(
         "Every number and figure below is computed from the Optuna storage by "
         "studies.report.build_report; nothing is carried over from the process that ran "
@@ -278,7 +287,7 @@ def build_report(
                 f"{'>=' if target.mode == 'max' else '<='} {target.value:g}"
             ),
             (
-                f"storage: {storage_text} (studies are named {task_name}/<tuner>/seed<k>; "
+                f"storage: {storage_text} (studies are named {title_task}/<tuner>/seed<k>; "
                 f"see them with: {dashboard})"
             ),
             (
@@ -319,8 +328,51 @@ def build_report(
         "rounds_to_target.png",
         "Rounds and client examples until the target, with the number of seeds that reached it.",
     )
+    if starts:
+        _versus_section(doc, storage, task_name, starts, tuners, seeds, out)
     doc.heading("Per seed")
     doc.table(seeds_df)
     doc.heading("Environment (at report time)")
     doc.table(_environment())
-    return doc.write(out, f"FATHOM vs baselines on {task_name}")
+    return doc.write(out, f"FATHOM vs baselines on {title_task}")
+
+
+def _versus_section(doc: Doc, storage, task_name: str, starts, tuners, seeds, out: pathlib.Path) -> None:
+    """Each tuner against static FedAvg from the same start, read from every start's studies."""
+    frames, records = [], []
+    for label in starts:
+        mine = load_runs(storage, study_task(task_name, label), tuners=tuners, seeds=seeds)
+        records += mine
+        if mine:
+            frames.append(per_seed(mine).assign(start=label))
+    if not records:
+        return
+    target = records[0].target
+    seeds_df = pd.concat(frames, ignore_index=True)
+    seeds_df = seeds_df[["start", *seeds_df.columns[:-1]]]
+    seeds_df.to_csv(out / "versus_per_seed.csv", index=False)
+    table = versus(seeds_df, target)
+    table.to_csv(out / "versus.csv", index=False)
+    shown = table.iloc[:, :SHOWN].assign(loss=table["loss"].map(lambda w: f"LOSS: {w}" if w else ""))
+    (out / "versus.md").write_text(markdown_table(shown) + "\n")
+    doc.heading("Versus not tuning: each tuner against static FedAvg from the same start")
+    losses = int((table["loss"] != "").sum())
+    doc.para(
+        f"From each start ({', '.join(starts)}: the task's init_hparams replaced by the start, "
+        f"clipped to its bounds), every tuner against static FedAvg ({REFERENCE}) from the same "
+        "start and seed. Reached: seeds on which validation met the target; rounds to target: "
+        "mean over those seeds. A loss: the tuner's test metric (mean over seeds) is worse "
+        "than static FedAvg's by more than 1 point of accuracy (for a metric that is not a "
+        "fraction: 1 % of static FedAvg's), or static FedAvg reached the target on a seed where "
+        f"the tuner did not. Losses: {losses} of {len(table)} rows."
+    )
+    doc.table(shown)
+    if not table.empty:
+        run_length = records[0].rounds_per_run
+        figures.versus_static(table, target, run_length, REFERENCE, out / "versus_static.png")
+        doc.image(
+            "versus_static.png",
+            "Rounds to target and test metric per start: static FedAvg is the black bar "
+            "across each start, each tuner a dot (a cross at the round cap: never reached), "
+            "a red ring marks a loss.",
+        )

@@ -448,6 +448,12 @@ CASES = [
     cli("compare-storage-unknown-scheme", r"--storage 'nosuchdb://bob:\*\*\*@db.example/optuna' "
         r"is not an Optuna RDB URL", "studies.compare", "--storage", PASSWORD_URL,
         "--out", "{tmp}/out", secret="secret"),
+    cli("compare-unknown-start", r"--starts: unknown start\(s\) 'eta\*3'; valid starts: default, eta/10, "
+        r"eta\*10, B=4, B=256", "studies.compare", "--starts", "default", "eta*3", "--out", "{tmp}/out"),
+    cli("peers-unknown-start", r"--starts: unknown start\(s\) 'lr/2'; valid starts: default, eta/10",
+        "studies.peers", "--tasks", "digits", "--starts", "lr/2", "--out", "{tmp}/out"),
+    cli("peers-unknown-tuner", r"--tuners: unknown tuner\(s\) 'bogus'; valid tuners: fathom",
+        "studies.peers", "--tuners", "fathom", "bogus", "--out", "{tmp}/out"),
     cli("fathom-unknown-task", r"argument --task: invalid choice: 'nope'",
         "studies.fathom", "--task", "nope", "--storage", "sqlite:///{tmp}/f.db"),
     cli("fathom-seed-negative", r"--seed must be >= 0, got -3",

@@ -48,6 +48,8 @@ def _unwritable(tmp_path: pathlib.Path) -> pathlib.Path:
         (["--out", "{file}/sub"], "is a file, not a directory"),
         (["--out", "{unwritable}"], "not writable"),
         (["--storage", "sqlite:///{file}/x.db"], "is a file, not a directory"),
+        (["--starts", "default", "eta*3"], "--starts: unknown start(s) 'eta*3'; valid starts: default, eta/10, eta*10, B=4, B=256"),
+        (["--starts", "B=4", "B=4"], "--starts lists a start twice"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, argv, message):
