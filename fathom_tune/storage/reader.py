@@ -25,6 +25,7 @@ from fathom_tune.storage.record import (
     EVALS,
     HPARAMS,
     LEDGER,
+    REJECTED,
     ROUNDS_PER_RUN,
     SEED,
     STALE,
@@ -38,6 +39,7 @@ from fathom_tune.storage.record import (
     VALIDATION,
     WALL,
     diverged,
+    rejected,
     step_cost,
 )
 from fathom_tune.task import Target
@@ -61,7 +63,9 @@ class RunRecord:
             three hyperparameters, the cost fields (``rounds``, ``examples``,
             ``steps``, ``bytes_down``, ``bytes_up``, ``seconds``), ``value``,
             ``reached`` (an evaluation of the trial met the target),
-            ``diverged``, every other scalar user attr, and the cumulative
+            ``diverged``, ``rejected`` (why the round was rejected:
+            ``"non-finite"``, ``"blow-up"``, or None; a diverged round is
+            rejected), every other scalar user attr, and the cumulative
             ``cum_rounds`` / ``cum_examples`` of the whole run up to it.
         evaluations: one row per validation evaluation, in the order spent:
             ``number`` (the trial), cumulative ``rounds`` and ``examples``,
@@ -92,6 +96,11 @@ class RunRecord:
     test: dict
     wall_seconds: float
     compile_seconds: float
+
+    @property
+    def rejected_rounds(self) -> int:
+        """Trials whose round was rejected (non-finite or blown up; see ``steps["rejected"]``)."""
+        return int(self.steps[REJECTED].notna().sum()) if len(self.steps) else 0
 
     @property
     def spent_steps(self) -> int:
@@ -156,11 +165,12 @@ def read_run(study: optuna.Study) -> RunRecord:
                 "value": t.value if t.values is not None and len(t.values) == 1 else math.nan,
                 "reached": reached,
                 DIVERGED: diverged(extra),
+                REJECTED: rejected(t.user_attrs),
                 "cum_rounds": spent.rounds,
                 "cum_examples": spent.examples,
             }
         )
-    head = ["number", "state", *NAMES, *_COST_FIELDS, "value", "reached", DIVERGED]
+    head = ["number", "state", *NAMES, *_COST_FIELDS, "value", "reached", DIVERGED, REJECTED]
     steps = pd.DataFrame(rows)
     # the trials' own attributes after the fixed columns, by name: storages list them in
     # different orders, the record does not

@@ -51,6 +51,7 @@ from fathom_tune.storage.optuna_internals import set_trial_user_attr
 from fathom_tune.task import Target
 
 __all__ = [
+    "BLOW_UP",
     "BUDGET_EXAMPLES",
     "BUDGET_ROUNDS",
     "CHOSEN_TRIAL",
@@ -62,7 +63,10 @@ __all__ = [
     "INTERRUPTED",
     "LEDGER",
     "LOCAL_STEPS",
+    "NON_FINITE",
     "NOT_RUN",
+    "REJECTED",
+    "REJECTION",
     "RESERVED_EXAMPLES",
     "RESERVED_ROUNDS",
     "ROUND",
@@ -79,6 +83,7 @@ __all__ = [
     "finished_rounds",
     "log_distributions",
     "mark_stale",
+    "rejected",
     "round_trial",
     "step_cost",
     "study_name",
@@ -125,6 +130,16 @@ DIVERGED = "diverged"
 """``True`` when the trial's training hit a non-finite loss or update."""
 LOCAL_STEPS = "local_steps"
 """Local SGD steps of a round, summed over its clients."""
+REJECTED = "rejected"
+"""Why a one-run tuner's safety net (:class:`fathom_tune.SafetyNet`) rejected the round:
+:data:`NON_FINITE` or :data:`BLOW_UP`; absent on an accepted round. The trial FAILs."""
+NON_FINITE, BLOW_UP = "non-finite", "blow-up"
+"""The reasons of :data:`REJECTED`: a non-finite loss or update; a finite training loss far
+above the recent accepted rounds'."""
+REJECTION = "rejection"
+"""What the tuner was told about a rejected round (:class:`fathom_tune.tuning.safety.Rejection`):
+``{"loss", "median", "streak", "reset", "back_to"}``, ``back_to`` the last accepted round's
+hyperparameters (a dict of the three names, or None); a tuner derives its next round from it."""
 
 # A tuner's own keys live with the tuner and are named ``<tuner>.<key>``
 # (FATHOM's in fathom_tune.fathom.sampler, FedEx's in fathom_tune.peers.fedex,
@@ -260,6 +275,20 @@ def diverged(attrs: dict) -> bool:
     return bool(attrs.get(DIVERGED)) or any(bool(v) for k, v in attrs.items() if k.endswith("." + DIVERGED))
 
 
+def rejected(attrs: dict) -> str | None:
+    """Why a trial's round was rejected: its :data:`REJECTED` reason, :data:`NON_FINITE` for
+    a diverged round (:func:`diverged`) that carries none (recorded without the safety net),
+    else ``None``.
+
+    >>> rejected({REJECTED: BLOW_UP}), rejected({DIVERGED: True}), rejected({})
+    ('blow-up', 'non-finite', None)
+    """
+    reason = attrs.get(REJECTED)
+    if isinstance(reason, str) and reason:
+        return reason
+    return NON_FINITE if diverged(attrs) else None
+
+
 def log_distributions(bounds) -> dict[str, optuna.distributions.FloatDistribution]:
     """The three hyperparameters as log-scale distributions over ``bounds``
     (the params of every ``unit = "round"`` trial)."""
@@ -287,14 +316,15 @@ def round_trial(
     the one template of every one-run tuner's rounds.
 
     Its params are ``hparams`` (``distributions``: :func:`log_distributions`),
-    its value the round's training loss, or ``value=None`` for a diverged
-    round: the trial FAILs and, unless ``attrs`` mark it the tuner's own way
-    (:func:`diverged`), is marked :data:`DIVERGED`. Its user attrs are
+    its value the round's training loss, or ``value=None`` for a diverged or
+    rejected round: the trial FAILs and, unless ``attrs`` mark it the tuner's own
+    way (:func:`diverged`) or name a :data:`BLOW_UP` (:data:`REJECTED`), is marked
+    :data:`DIVERGED`. Its user attrs are
     :data:`ROUND`, :data:`COST`, :data:`EVALS` and ``attrs``, in that order;
     ``started``/``completed`` default to now.
     """
     user_attrs = {ROUND: int(round_index), COST: cost.as_dict(), EVALS: list(evals), **attrs}
-    if value is None and not diverged(attrs):
+    if value is None and not diverged(attrs) and attrs.get(REJECTED, NON_FINITE) == NON_FINITE:
         user_attrs[DIVERGED] = True
     now = datetime.datetime.now() if started is None or completed is None else None
     return FrozenTrial(
