@@ -53,6 +53,7 @@ from fathom_tune.storage.record import study_name
 from fathom_tune.storage import open_storage
 from fathom_tune.task import Target
 from fathom_tune.task import Task
+from fathom_tune.tuning.safety import SafetyNet
 from fathom_tune.tuning.tuner import Tuner
 from fathom_tune.tuning.tuner import TuningResult
 from fathom_tune.tuning.tuner import fedavg
@@ -68,6 +69,7 @@ __all__ = [
     "FathomConfig",
     "FathomSampler",
     "HParams",
+    "SafetyNet",
     "ServerTracker",
     "Target",
     "Task",

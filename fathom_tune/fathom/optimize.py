@@ -28,7 +28,8 @@ from fathom_tune.storage import checkpoint as ckpt
 from fathom_tune.storage import record
 from fathom_tune.task import Task
 from fathom_tune.tuning.driver import FLUSH_SECONDS
-from fathom_tune.tuning.one_run import OneRun, checked_path, run_one
+from fathom_tune.tuning.one_run import DEFAULT_NET, OneRun, checked_path, run_one
+from fathom_tune.tuning.safety import SafetyNet
 from fathom_tune.tuning.tuner import TuningResult
 
 __all__ = ["ROUND_HEADER", "optimize"]
@@ -53,6 +54,7 @@ def optimize(
     flush_seconds: float = FLUSH_SECONDS,
     progress: bool = False,
     tuner: str = TUNER,
+    safety_net: SafetyNet | None = DEFAULT_NET,
     **engine_kwargs,
 ) -> TuningResult:
     """Trains ``task`` with FedAvg while FATHOM tunes eta, E and B every round.
@@ -87,6 +89,11 @@ def optimize(
         progress: show a progress bar.
         tuner: the tuner name recorded in the study (and its default name);
             a registered FATHOM variant passes its own.
+        safety_net: the one-run driver's :class:`~fathom_tune.SafetyNet`
+            (default ``SafetyNet()``): a round whose loss is not finite or
+            blows up is rejected, its model dropped, and the next round runs
+            with eta halved and the last accepted round's E and B. ``None``:
+            the paper's FATHOM (only a non-finite round is discarded, eta halved).
         **engine_kwargs: passed to :class:`~fathom_tune.engine.Engine`
             (``server_optimizer``, ``buckets``, ``client_block``, ...).
 
@@ -94,7 +101,8 @@ def optimize(
         A :class:`~fathom_tune.tuners.TuningResult` whose ``history`` has one
         row per round: ``round``, ``learning_rate``, ``local_epochs``,
         ``batch_size``, ``local_steps``, ``H``, ``G``, ``train_loss``,
-        ``accepted`` (False for a discarded divergent round),
+        ``accepted`` (False for a discarded round), ``rejected`` (why:
+        ``"non-finite"``, ``"blow-up"``; once a round was discarded),
         ``val_<metric>`` on evaluation rounds, and the cumulative ``rounds``,
         ``examples``, ``steps``, ``bytes_up``, ``bytes_down`` and
         ``seconds``; ``hparams`` are the values FATHOM would use next.
@@ -151,5 +159,6 @@ def optimize(
         label=f"FATHOM {name}",
         bar="FATHOM " + task.name,
         log=_log,
+        safety_net=safety_net,
     )
     return run_one(one, storage, progress)

@@ -30,20 +30,19 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.samplers import BaseSampler, RandomSampler
 from optuna.trial import FrozenTrial, TrialState
 
-from fathom_tune.fathom.state import DIVERGED_LR_FACTOR, FathomConfig, next_hparams
+from fathom_tune.fathom.state import (
+    DIVERGED_LR_FACTOR,
+    FathomConfig,
+    next_hparams,
+    rejected_hparams,
+)
 from fathom_tune.hparams import NAMES, Bounds, HParams
 from fathom_tune.storage.optuna_internals import set_trial_system_attr, storage_of, study_id_of
-from fathom_tune.storage.record import log_distributions
+from fathom_tune.storage.record import REJECTED, REJECTION, log_distributions
 
 __all__ = [
-    "DIVERGED_LR_FACTOR",
-    "FATHOM_DIVERGED",
-    "FATHOM_G",
-    "FATHOM_H",
-    "FATHOM_REJECTED",
-    "FathomSampler",
-    "report_divergence",
-    "report_round",
+    "DIVERGED_LR_FACTOR", "FATHOM_DIVERGED", "FATHOM_G", "FATHOM_H", "FATHOM_REJECTED",
+    "FathomSampler", "report_divergence", "report_round"
 ]
 
 # FATHOM's own record keys (the shared schema is fathom_tune.storage.record's)
@@ -141,6 +140,8 @@ class FathomSampler(BaseSampler):
     **State, derived from storage.** Walking back from the newest finished
     round, the first round that counts decides the next suggestion:
 
+    * a round the safety net rejected (user attrs ``rejected``, ``rejection``):
+      :func:`~fathom_tune.fathom.state.rejected_hparams` of what it records;
     * a round with user attr ``fathom.diverged = True`` (any state,
       :func:`report_divergence`): its own hyperparameters with the learning
       rate times :data:`DIVERGED_LR_FACTOR`, clipped to the bounds
@@ -272,6 +273,10 @@ class FathomSampler(BaseSampler):
         if not trial.state.is_finished() or not all(n in trial.params for n in NAMES):
             return None
         used = HParams(**{n: trial.params[n] for n in NAMES})
+        told = trial.user_attrs.get(REJECTION)
+        if trial.user_attrs.get(REJECTED) and isinstance(told, dict):
+            back = None if told.get("back_to") is None else HParams(**told["back_to"])
+            return rejected_hparams(used, back, bool(told["reset"]), self._config)
         if trial.user_attrs.get(DIVERGED_ATTR) is True:
             return self.after(used, diverged=True)
         if trial.state != TrialState.COMPLETE or REJECTED_ATTR in trial.system_attrs:

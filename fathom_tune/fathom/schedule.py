@@ -5,7 +5,12 @@
 trial FathomSampler's ask-and-tell protocol would write
 (:func:`fathom_tune.storage.record.round_trial`: its three parameters,
 ``fathom.G``, ``fathom.H``, cost, evaluations; training loss as value, ``FAIL``
-and ``fathom.diverged`` for a diverged round).
+and ``fathom.diverged`` for a diverged round). With the safety net on
+(:class:`fathom_tune.SafetyNet`), a rejected round (non-finite, or blown up)
+is ``FAIL`` with the driver's ``rejected``/``rejection`` attrs, from which
+the sampler derives the back-off (eta halved, the last accepted round's E and
+B; :func:`~fathom_tune.fathom.state.rejected_hparams`); with it off, FATHOM is
+the paper's: only a non-finite round is discarded, and eta halved.
 """
 
 from __future__ import annotations
@@ -16,8 +21,16 @@ import math
 
 from fathom_tune.engine import RoundResult, ServerState
 from fathom_tune.fathom.hypergrad import TrackedState, local_hypergradient
-from fathom_tune.fathom.sampler import FATHOM_G, FATHOM_H, FathomSampler, report_divergence, report_round
+from fathom_tune.fathom.sampler import (
+    FATHOM_G,
+    FATHOM_H,
+    FathomSampler,
+    report_divergence,
+    report_round,
+)
+from fathom_tune.fathom.state import rejected_hparams
 from fathom_tune.hparams import NAMES, HParams
+from fathom_tune.storage.record import NON_FINITE
 from fathom_tune.tuning.one_run import OneRunSchedule
 
 __all__ = ["ROUND_HEADER", "FathomSchedule"]
@@ -83,7 +96,16 @@ class FathomSchedule(OneRunSchedule):
         )
         return dict(reported)
 
-    def relearn(self, trial, result: RoundResult, accepted: bool) -> dict:
+    def rejected(self, result: RoundResult, rejection) -> dict:
+        self._seen(result, False)
+        reported = _Attrs()
+        if rejection.reason == NON_FINITE:
+            report_divergence(reported)
+        # what the sampler's following() of this round's trial gives, without the trial
+        self.next = rejected_hparams(result.hparams, rejection.back_to, rejection.reset, self.sampler.config)
+        return dict(reported)
+
+    def relearn(self, trial, result: RoundResult, accepted: bool, rejection=None) -> dict:
         self._seen(result, accepted)
         self.next = self.sampler.following(trial) or self.next
         return {}

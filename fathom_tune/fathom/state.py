@@ -21,7 +21,15 @@ import numpy as np
 from fathom_tune import checks
 from fathom_tune.hparams import NAMES, Bounds, HParams
 
-__all__ = ["DIVERGED_LR_FACTOR", "FathomConfig", "egn_step", "hparams_from_log", "log_hparams", "next_hparams"]
+__all__ = [
+    "DIVERGED_LR_FACTOR",
+    "FathomConfig",
+    "egn_step",
+    "hparams_from_log",
+    "log_hparams",
+    "next_hparams",
+    "rejected_hparams",
+]
 
 DIVERGED_LR_FACTOR = 0.5
 """The learning rate of the round after a diverged one, relative to the diverged round's."""
@@ -163,6 +171,28 @@ def next_hparams(used: HParams, H: float, G: float, config: FathomConfig, *, div
         else:
             values.append(min(max(float(np.exp(q)), lower[i]), upper[i]))
     return HParams(*values)
+
+
+def rejected_hparams(used: HParams, back_to: HParams | None, reset: bool, config: FathomConfig) -> HParams:
+    """FATHOM's back-off after a round the safety net rejected (:class:`fathom_tune.SafetyNet`):
+    the next round's hyperparameters.
+
+    The rejected round's learning rate times :data:`DIVERGED_LR_FACTOR`, with the
+    local epochs and batch size of the last accepted round ``back_to`` (that
+    round's moves of E and B are undone; ``used``'s while no round was accepted),
+    clipped to the bounds; with ``reset`` (the net's patience ran out) ``back_to``
+    itself.
+
+    Example:
+        >>> b = Bounds(HParams(1e-3, 0.01, 1.0), HParams(1.0, 10.0, 256.0))
+        >>> rejected_hparams(HParams(0.8, 2.5, 5.4), HParams(0.7, 2.0, 5.5), False, FathomConfig(bounds=b))
+        HParams(learning_rate=0.4, local_epochs=2.0, batch_size=5.5)
+    """
+    if reset and back_to is not None:
+        return back_to
+    kept = used if back_to is None else back_to
+    halved = HParams(used.learning_rate * DIVERGED_LR_FACTOR, kept.local_epochs, kept.batch_size)
+    return config.bounds.clip(halved)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

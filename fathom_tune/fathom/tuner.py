@@ -9,10 +9,11 @@ import optax
 from fathom_tune.fathom.optimize import optimize
 from fathom_tune.fathom.state import FathomConfig
 from fathom_tune.tuning.driver import one_run_storage
+from fathom_tune.tuning.one_run import DEFAULT_NET
+from fathom_tune.tuning.safety import SafetyNet
 from fathom_tune.tuning.tuner import Request, Tuner, TuningResult
 
 __all__ = ["Fathom"]
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +36,14 @@ class Fathom(Tuner):
             transformation of the FedAvg update); ``None``: plain FedAvg.
             ``fathom+server`` passes FedHyper-GM's server learning rate
             (:func:`fathom_tune.peers.fedhyper_server`).
+        safety_net: the run's :class:`~fathom_tune.SafetyNet` (default on);
+            ``None``: the paper's FATHOM.
     """
 
     name: str = "fathom"
     config: FathomConfig = FathomConfig()
     server_optimizer: optax.GradientTransformation | None = None
+    safety_net: SafetyNet | None = DEFAULT_NET
 
     def tune(self, request: Request) -> TuningResult:
         task = request.task
@@ -56,5 +60,6 @@ class Fathom(Tuner):
             checkpoint=path,
             progress=request.progress,
             tuner=self.name,
+            safety_net=self.safety_net,
             **({} if self.server_optimizer is None else {"server_optimizer": self.server_optimizer}),
         )

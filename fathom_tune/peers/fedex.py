@@ -39,7 +39,10 @@ configuration and the distribution stays as it is.
 (:mod:`fathom_tune.tuning.one_run`). A diverged round (non-finite loss or
 update) is discarded as FATHOM discards it; FedEx scores each client whose
 validation loss is not finite with twice the largest finite loss of the
-round, so the arms it drew lose weight.
+round, so the arms it drew lose weight. With the safety net on (the default),
+a rejected round scores every client with the worst loss (:func:`rejected_score`),
+so all its arms lose weight, and leaves the baseline as it was; after
+``patience`` rejections the next round trains with the last accepted round's arms.
 """
 
 from __future__ import annotations
@@ -55,19 +58,9 @@ from fathom_tune.hparams import NAMES, ClientHParams, HParams
 from fathom_tune.tuning.one_run import OneRunSchedule, OneRunTuner
 
 __all__ = [
-    "FEDEX_ARMS",
-    "FEDEX_BASELINE",
-    "FEDEX_CANDIDATES",
-    "FEDEX_EXPLORING",
-    "FEDEX_THETA",
-    "SCHEDULES",
-    "FedEx",
-    "arm_gradient",
-    "discounted_sums",
-    "entropy",
-    "exponentiated_step",
-    "fedex_candidates",
-    "logsumexp",
+    "FEDEX_ARMS", "FEDEX_BASELINE", "FEDEX_CANDIDATES", "FEDEX_EXPLORING", "FEDEX_THETA",
+    "SCHEDULES", "FedEx", "arm_gradient", "discounted_sums", "entropy", "exponentiated_step",
+    "fedex_candidates", "logsumexp", "rejected_score"
 ]
 
 SCHEDULES = ("aggressive", "auto")
@@ -170,6 +163,18 @@ def discounted_sums(sums: tuple[float, float], value: float, discount: float) ->
     return discount * numerator + value, discount * denominator + 1.0
 
 
+def rejected_score(before, after, baseline: float) -> float:
+    """Every client's score in a rejected round: twice the largest of the round's finite
+    validation losses and ``|baseline|`` (1 when all are 0), so the round's arms lose weight.
+
+    >>> rejected_score([1.0, float("nan")], [3.0, float("inf")], 0.5)
+    6.0
+    """
+    values = np.abs(np.concatenate([np.ravel(np.asarray(v, np.float64)) for v in (before, after)]))
+    worst = max(float(values[np.isfinite(values)].max(initial=0.0)), abs(float(baseline)))
+    return 2.0 * worst if worst > 0 else 1.0
+
+
 def entropy(thetas) -> float:
     """The joint entropy (nats) of independent distributions: ``sum_i -sum_k theta_i[k] log theta_i[k]``.
 
@@ -212,6 +217,8 @@ class _FedExSchedule(OneRunSchedule):
         self.clients = engine.clients_per_round
         self.arms: np.ndarray | None = None
         self.exploring = True
+        # the last accepted round's arms, and whether the next round trains with them (patience ran out)
+        self.accepted, self.forced = np.zeros((self.clients, len(NAMES)), np.int64), False
 
     def theta(self) -> dict[str, np.ndarray]:
         return {n: np.exp(z) for n, z in self.z.items()}
@@ -222,7 +229,9 @@ class _FedExSchedule(OneRunSchedule):
     def propose(self, round_index: int) -> ClientHParams:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, round_index, 0xFE]))
         theta = self.theta()
-        if self.exploring:
+        if self.forced:
+            arms = self.accepted
+        elif self.exploring:
             arms = np.stack(
                 [rng.choice(len(theta[n]), size=self.clients, p=theta[n] / theta[n].sum()) for n in NAMES], axis=1
             )
@@ -232,10 +241,11 @@ class _FedExSchedule(OneRunSchedule):
         return ClientHParams(clients=tuple(self._config(a) for a in arms), summary=self.returned())
 
     def learn(self, result: RoundResult, accepted: bool) -> dict:
+        if accepted:
+            self.accepted, self.forced = self.arms, False
         before = np.asarray(result.validation_before, np.float64)
         after = np.asarray(result.validation_after, np.float64)
         weight = np.asarray(result.validation_size, np.float64)
-        arms = self.arms
         attrs = {FEDEX_ARMS: [list(h.as_dict().values()) for h in result.client_hparams]}
         if not self.exploring:
             return {**attrs, FEDEX_THETA: _listed(self.theta()), FEDEX_EXPLORING: False}
@@ -246,13 +256,7 @@ class _FedExSchedule(OneRunSchedule):
         after = np.where(np.isfinite(after), after, penalty)
         before = np.where(np.isfinite(before), before, penalty)
         omega = weight / weight.sum()
-        scores = after - before if self.config.diff else after
-        baseline = self.sums[0] / self.sums[1] if self.sums[1] > 0 else 0.0
-        self.updates += 1
-        theta = self.theta()
-        for i, n in enumerate(NAMES):
-            g = arm_gradient(arms[:, i], theta[n], omega, scores, baseline)
-            self.z[n] = exponentiated_step(self.z[n], g, self.updates, self.config.schedule)
+        baseline = self._move(omega, after - before if self.config.diff else after)
         self.sums = discounted_sums(self.sums, float(omega @ after), self.config.discount)
         attrs.update({FEDEX_THETA: _listed(self.theta()), FEDEX_BASELINE: baseline})
         if self.config.cutoff:
@@ -260,11 +264,32 @@ class _FedExSchedule(OneRunSchedule):
             attrs[FEDEX_EXPLORING] = self.exploring
         return attrs
 
+    def rejected(self, result: RoundResult, rejection) -> dict:
+        attrs = {FEDEX_ARMS: [list(h.as_dict().values()) for h in result.client_hparams]}
+        self.forced, weight = bool(rejection.reset and rejection.back_to), np.asarray(result.validation_size)
+        if not self.exploring or weight.sum() == 0:
+            return {**attrs, FEDEX_THETA: _listed(self.theta())}
+        worst = rejected_score(result.validation_before, result.validation_after, self._baseline())
+        baseline = self._move(weight / weight.sum(), np.full(len(weight), worst))  # every arm drawn loses
+        return {**attrs, FEDEX_THETA: _listed(self.theta()), FEDEX_BASELINE: baseline}
+
+    def _baseline(self) -> float:
+        return self.sums[0] / self.sums[1] if self.sums[1] > 0 else 0.0
+
+    def _move(self, omega, scores) -> float:
+        baseline, theta = self._baseline(), self.theta()
+        self.updates += 1
+        for i, n in enumerate(NAMES):
+            g = arm_gradient(self.arms[:, i], theta[n], omega, scores, baseline)
+            self.z[n] = exponentiated_step(self.z[n], g, self.updates, self.config.schedule)
+        return baseline
+
     def returned(self) -> HParams:
         return self._config([int(np.argmax(self.z[n])) for n in NAMES])
 
     def trees(self) -> dict:
         return {
+            "back": {"arms": np.asarray(self.accepted, np.int64), "forced": np.asarray(self.forced, np.bool_)},
             "z": {n: np.asarray(z, np.float64) for n, z in self.z.items()},
             "sums": np.asarray(self.sums, np.float64),
             "updates": np.asarray(self.updates, np.int64),
@@ -276,6 +301,8 @@ class _FedExSchedule(OneRunSchedule):
         self.sums = tuple(float(v) for v in trees["sums"])
         self.updates = int(trees["updates"])
         self.exploring = bool(trees.get("exploring", True))
+        self.accepted = np.asarray(trees["back"]["arms"], np.int64)
+        self.forced = bool(trees["back"]["forced"])
 
 
 def _listed(theta: dict) -> dict:

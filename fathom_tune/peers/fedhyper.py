@@ -43,9 +43,11 @@ update as a descent direction, i.e. minus the engine's gradient-signed
 The authors' clients run SGD with momentum 0.5; this project's clients run
 plain SGD (FATHOM's setting), for every tuner alike.
 
-:class:`FedHyper` runs on the one one-run driver (:mod:`fathom_tune.tuning.one_run`);
-a diverged round is discarded as FATHOM discards it and halves the clients'
-base rate. ``fathom+server`` (:data:`FATHOM_SERVER`, FATHOM with GM's server
+:class:`FedHyper` runs on the one one-run driver (:mod:`fathom_tune.tuning.one_run`):
+a round its safety net rejects (non-finite, or blown up) is discarded, the
+clients' base rate halved (after ``patience`` rejections: the last accepted
+round's) and the server factor ``a`` reset to 0 (:meth:`FedHyperServerState.restarted`;
+SL's too); with the net off only a non-finite round is, the rate halved. ``fathom+server`` (:data:`FATHOM_SERVER`, FATHOM with GM's server
 rule) lives here with the rule it borrows: FATHOM needs nothing of FedHyper.
 """
 
@@ -65,26 +67,10 @@ from fathom_tune.hparams import HParams
 from fathom_tune.tuning.one_run import OneRunSchedule, OneRunTuner
 
 __all__ = [
-    "CL_BOUNDS",
-    "CL_CAP",
-    "CL_GLOBAL_WEIGHT",
-    "FATHOM_SERVER",
-    "FEDHYPER_A",
-    "FEDHYPER_BETA",
-    "FEDHYPER_BETA_MEAN",
-    "FEDHYPER_VARIANTS",
-    "GM_BOUNDS",
-    "GM_MOMENTUM",
-    "G_BOUNDS",
-    "ClientRate",
-    "ClientRateState",
-    "FedHyper",
-    "FedHyperServerState",
-    "KeptUpdate",
-    "fedhyper_server",
-    "keep_update",
-    "sl_step",
-    "tree_vdot",
+    "CL_BOUNDS", "CL_CAP", "CL_GLOBAL_WEIGHT", "FATHOM_SERVER", "FEDHYPER_A", "FEDHYPER_BETA",
+    "FEDHYPER_BETA_MEAN", "FEDHYPER_VARIANTS", "GM_BOUNDS", "GM_MOMENTUM", "G_BOUNDS",
+    "ClientRate", "ClientRateState", "FedHyper", "FedHyperServerState", "KeptUpdate",
+    "fedhyper_server", "keep_update", "sl_step", "tree_vdot"
 ]
 
 # FedHyper's own record keys (the shared schema is fathom_tune.storage.record's)
@@ -123,6 +109,11 @@ class FedHyperServerState(NamedTuple):
 
     a: jax.Array
     previous: Any
+
+    def restarted(self) -> FedHyperServerState:
+        """The state after a rejected round (:func:`fathom_tune.tuning.safety.restart_server`):
+        ``a`` back to 0, ``previous`` kept."""
+        return self._replace(a=jnp.zeros_like(self.a))
 
 
 def fedhyper_server(*, momentum: float | None = GM_MOMENTUM, bounds: tuple[float, float] | None = None
@@ -329,6 +320,12 @@ class _FedHyperSchedule(OneRunSchedule):
             attrs[FEDHYPER_BETA] = [float(b) for b in result.local_rate]
             attrs[FEDHYPER_BETA_MEAN] = float(np.mean(result.local_rate))
         return attrs
+
+    def rejected(self, result: RoundResult, rejection) -> dict:
+        back = rejection.back_to if rejection.reset else None
+        eta0 = self.eta0 * DIVERGED_LR_FACTOR if back is None else back.learning_rate
+        self.eta0, self.a = max(eta0, self.bounds.lower.learning_rate), 0.0
+        return {}
 
     def returned(self) -> HParams:
         return self.propose(-1)

@@ -21,6 +21,7 @@ from fathom_tune import checks
 from fathom_tune.engine import Cost, Engine, RoundResult, ServerState
 from fathom_tune.hparams import HParams
 from fathom_tune.storage.checkpoint import Progress
+from fathom_tune.storage.record import NON_FINITE, REJECTED
 from fathom_tune.task import Target
 
 __all__ = [
@@ -41,10 +42,14 @@ class Outcome:
     Attributes:
         stop: end the run after this round.
         record: extra columns for this round's history row.
+        server: ``None``, or a function of the server optimizer state the next
+            round would start from, giving the state it starts from instead
+            (the safety net restarts a learned server step after a rejection).
     """
 
     stop: bool = False
     record: dict = dataclasses.field(default_factory=dict)
+    server: Callable | None = None
 
 
 class Schedule(Protocol):
@@ -136,16 +141,21 @@ def run(
     progress: bool | str = False,
     resume: Progress | None = None,
     on_round: Callable[[Progress], None] | None = None,
+    judge: Callable[[RoundResult], str | None] | None = None,
 ) -> RunResult:
     """Runs FedAvg rounds with the hyperparameters ``schedule`` picks.
 
     Every ``eval_every`` rounds, and after the last, the model is evaluated on
     the validation clients. A round whose training loss or update is not
     finite is *discarded*: the model stays at the last accepted state (its
-    cost still counts) and the schedule is told ``accepted=False``.
+    cost still counts) and the schedule is told ``accepted=False``. With
+    ``judge`` (the one-run driver's safety net, :mod:`fathom_tune.tuning.safety`)
+    a round is discarded when ``judge(result)`` names a reason.
 
     The history has one row per round: ``round``, the three hyperparameters,
     ``local_steps`` (sum over clients), ``train_loss``, ``accepted``,
+    ``rejected`` (why a discarded round was: ``"non-finite"``, ``"blow-up"``;
+    only once a round was discarded),
     the validation metrics as ``val_<name>`` on evaluation rounds (NaN
     elsewhere), the cumulative ``rounds``, ``examples``, ``steps``,
     ``bytes_up``, ``bytes_down``, ``seconds``, and what the schedule adds.
@@ -161,6 +171,9 @@ def run(
             ``num_rounds`` rounds (e.g. from a checkpoint); overrides ``state``.
         on_round: called with the run's :class:`Progress` after every round
             (e.g. to write a checkpoint).
+        judge: ``judge(result)`` is why the round is discarded, or ``None`` to
+            keep it (default: ``"non-finite"`` when the loss or update is not
+            finite); called once per round, in order.
 
     Example:
         >>> import fathom_tune
@@ -192,7 +205,8 @@ def run(
         for i in range(len(rows), num_rounds):
             hparams = schedule.propose(state.round)
             new_state, result = engine.run_round(state, hparams)
-            accepted = result.finite
+            rejected = (None if result.finite else NON_FINITE) if judge is None else judge(result)
+            accepted = rejected is None
             last = i == num_rounds - 1
             metrics = None
             if accepted:
@@ -202,8 +216,11 @@ def run(
             else:
                 state = dataclasses.replace(state, round=state.round + 1)
             outcome = schedule.observe(result, metrics, accepted)
+            if outcome.server is not None:
+                state = dataclasses.replace(state, opt_state=outcome.server(state.opt_state))
             cost = cost + result.cost
-            rows.append(_row(result, metrics, accepted, cost, outcome.record))
+            extra = outcome.record if accepted else {REJECTED: rejected, **outcome.record}
+            rows.append(_row(result, metrics, accepted, cost, extra))
             if metrics is not None:
                 final_metrics = metrics
                 bar.set_postfix({task.target.metric: f"{metrics.get(task.target.metric, math.nan):.4f}"})

@@ -21,12 +21,9 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import datetime
 import functools
 import logging
-import math
 import pathlib
-import warnings
 
 from fathom_tune import checks
 from fathom_tune.engine import Engine, RoundResult, ServerState
@@ -35,15 +32,21 @@ from fathom_tune.storage import checkpoint as ckpt
 from fathom_tune.storage import open_storage, record
 from fathom_tune.task import Task
 from fathom_tune.tuning import driver
-from fathom_tune.tuning.loop import Outcome, Progress, run
+from fathom_tune.tuning.loop import Progress, run
+from fathom_tune.tuning.rounds import Rounds
+from fathom_tune.tuning.safety import Rejection, SafetyNet, restart_server
 from fathom_tune.tuning.tuner import Request, Tuner, TuningResult
 
-__all__ = ["FLUSH_SECONDS", "OneRun", "OneRunSchedule", "OneRunTuner", "checked_path", "run_one", "run_schedule"]
+__all__ = ["DEFAULT_NET", "FLUSH_SECONDS", "OneRun", "OneRunSchedule", "OneRunTuner", "checked_path", "run_one", "run_schedule"]
 
 FLUSH_SECONDS = driver.FLUSH_SECONDS
 """Seconds between two batches of a :class:`OneRunTuner`'s rounds written to the storage
 (each batch one transaction, then the checkpoint; see
 :class:`fathom_tune.tuning.driver.RoundWriter`)."""
+
+
+DEFAULT_NET = SafetyNet()
+"""The safety net every one-run tuner runs with unless told ``safety_net=None``."""
 
 
 class OneRunSchedule(abc.ABC):
@@ -94,10 +97,24 @@ class OneRunSchedule(abc.ABC):
         run again after a resume; default :meth:`propose`."""
         return self.propose(round_index)
 
-    def relearn(self, trial, result: RoundResult, accepted: bool) -> dict:
-        """:meth:`learn` for a replayed round whose trial the study holds; nothing is
-        written for it."""
-        return self.learn(result, accepted)
+    def relearn(self, trial, result: RoundResult, accepted: bool, rejection: Rejection | None = None) -> dict:
+        """:meth:`learn` (:meth:`rejected` when ``rejection`` is given) for a replayed round
+        whose trial the study holds; nothing is written for it."""
+        return self.learn(result, accepted) if rejection is None else self.rejected(result, rejection)
+
+    def rejected(self, result: RoundResult, rejection: Rejection) -> dict:
+        """Backs off after a round the safety net rejected (its model is dropped); returns its
+        attributes for the record, as :meth:`learn` does. The driver adds
+        :data:`~fathom_tune.storage.record.REJECTED` and
+        :data:`~fathom_tune.storage.record.REJECTION`. Default: ``learn(result, False)``,
+        the schedule's own back-off after a diverged round."""
+        return self.learn(result, False)
+
+    def kept_server(self, opt_state, rejection: Rejection):
+        """The server optimizer state the round after a rejected one starts from, given the
+        last accepted round's ``opt_state``; default :func:`~fathom_tune.tuning.safety.restart_server`
+        (a learned server step, such as FedHyper's factor, starts over)."""
+        return restart_server(opt_state)
 
     def observed(self, result: RoundResult, metrics: dict | None, accepted: bool) -> None:
         """Sees a round once it is learnt, with its validation ``metrics`` (or ``None``)."""
@@ -122,60 +139,6 @@ class OneRunSchedule(abc.ABC):
     def unstored(self, fresh: ServerState, state: ServerState, trees: dict) -> ServerState:
         """The server state from its :meth:`stored` form (``fresh``: a new one)."""
         return state
-
-
-class _Rounds:
-    """The loop's schedule around a :class:`OneRunSchedule`: one trial per round.
-
-    Rounds are queued in ``pending`` until the writer writes a batch
-    (:meth:`take`); they become trial templates (:func:`record.round_trial`)
-    with the write, on the writer's thread for a persistent storage.
-    """
-
-    def __init__(self, schedule: OneRunSchedule, distributions: dict, recorded: dict):
-        self.schedule, self.distributions = schedule, distributions
-        self.recorded = dict(recorded)
-        self.replayed = None
-        self.started = None
-        self.pending: list = []
-
-    def take(self):
-        """The queued rounds (the queue starts empty again), as a function that makes
-        them trials: the writer's thread calls it."""
-        taken, self.pending = self.pending, []
-        return lambda: [make() for make in taken]
-
-    def propose(self, round_index: int):
-        self.replayed = self.recorded.pop(round_index, None)
-        if self.replayed is not None:
-            return self.schedule.replay(round_index, self.replayed)
-        self.started = datetime.datetime.now()
-        return self.schedule.propose(round_index)
-
-    def observe(self, result: RoundResult, metrics, accepted: bool) -> Outcome:
-        trial = self.replayed
-        if trial is None:
-            attrs = self.schedule.learn(result, accepted)
-            evals = [] if metrics is None else [record.evaluation(1, result.cost.examples, metrics)]
-            self.pending.append(functools.partial(
-                record.round_trial, round_index=result.round, hparams=result.hparams,
-                distributions=self.distributions, value=result.train_loss if accepted else None,
-                cost=result.cost, evals=evals, started=self.started, completed=datetime.datetime.now(),
-                **{record.LOCAL_STEPS: int(result.local_steps.sum())}, **attrs,
-            ))
-        else:
-            attrs = self.schedule.relearn(trial, result, accepted)
-            if accepted and trial.value is not None and not math.isclose(
-                trial.value, result.train_loss, rel_tol=1e-5, abs_tol=1e-7
-            ):
-                warnings.warn(
-                    f"round {result.round} replayed after a resume gave training loss "
-                    f"{result.train_loss!r}; the study recorded {trial.value!r}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        self.schedule.observed(result, metrics, accepted)
-        return Outcome(record={**self.schedule.columns(attrs), "diverged": not accepted})
 
 
 @dataclasses.dataclass
@@ -208,13 +171,23 @@ class OneRun:
     label: str = ""
     bar: str = ""
     log: logging.Logger | None = None
+    safety_net: SafetyNet | None = DEFAULT_NET
+
+    def __post_init__(self):
+        if self.safety_net is not None and not isinstance(self.safety_net, SafetyNet):
+            raise TypeError(f"safety_net must be a fathom_tune.SafetyNet or None, got {self.safety_net!r}")
+
+    @property
+    def net_settings(self) -> dict | None:
+        """The net's settings as the study config and the fingerprint hold them."""
+        return None if self.safety_net is None else self.safety_net.settings()
 
     @functools.cached_property
     def fingerprint(self) -> dict:
         """What a checkpoint of this run must match (built once: every save uses it)."""
         return ckpt.fingerprint(
             self.engine, study=self.name, num_rounds=self.num_rounds, eval_every=self.eval_every,
-            config=self.fingerprinted,
+            config=self.fingerprinted, safety_net=self.net_settings,
         )
 
     def save(self, done: Progress, trees: dict) -> None:
@@ -240,7 +213,8 @@ class OneRun:
         resume = self.load() if self.path is not None and self.path.exists() else None
         study, recorded = driver.open_study(
             opened, name=self.name, resume=resume, path=self.path, task=self.task, tuner=self.tuner,
-            seed=self.engine.seed, num_rounds=self.num_rounds, config=self.config,
+            seed=self.engine.seed, num_rounds=self.num_rounds,
+            config={**self.config, "safety_net": self.net_settings},
             sampler=self.schedule.sampler, header=self.header,
         )
         if self.log is not None:
@@ -248,7 +222,8 @@ class OneRun:
             self.log.info("%s: %s at round %d of %d", self.label, "resumed" if resume else "started", at,
                           self.num_rounds)
         self.schedule.opened(study)
-        rounds = _Rounds(self.schedule, self.schedule.search_space(self.task), recorded)
+        rounds = Rounds(self.schedule, self.schedule.search_space(self.task), recorded, self.safety_net,
+                        () if resume is None else resume.rows)
         with driver.RoundWriter(
             study,
             rounds,
@@ -267,6 +242,7 @@ class OneRun:
                 resume=resume,
                 on_round=writer.on_round,
                 progress=self.bar if progress else False,
+                judge=rounds.judge,
             )
         test_metrics = self.engine.evaluate(out.params, "test")
         hparams = self.schedule.returned()
@@ -320,6 +296,7 @@ def run_schedule(
     eval_every: int | None = None,
     progress: bool = False,
     header: dict | None = None,
+    safety_net: SafetyNet | None = DEFAULT_NET,
     **engine_kwargs,
 ) -> TuningResult:
     """One run of a schedule on ``task``, recorded as the study ``<task>/<tuner>/seed<seed>``
@@ -327,8 +304,9 @@ def run_schedule(
 
     ``schedule_for(engine)`` makes the tuner's :class:`OneRunSchedule`;
     ``config`` (the tuner's settings) is recorded and a checkpoint must match
-    it; ``header`` adds study attributes (e.g. FedEx's arms); the other
-    arguments are :func:`fathom_tune.optimize`'s. A ``checkpoint`` (needs a
+    it; ``header`` adds study attributes (e.g. FedEx's arms); ``safety_net``
+    judges every round (:class:`~fathom_tune.SafetyNet`; ``None``: off); the
+    other arguments are :func:`fathom_tune.optimize`'s. A ``checkpoint`` (needs a
     persistent storage) is written after each batch of rounds reaches the
     storage (see :data:`FLUSH_SECONDS`).
     """
@@ -342,7 +320,7 @@ def run_schedule(
         task=task, engine=engine, schedule=schedule_for(engine), tuner=tuner, name=name, kind=f"peer:{tuner}",
         config=config, fingerprinted=config, num_rounds=num_rounds, eval_every=eval_every, path=path,
         every=None, flush_seconds=FLUSH_SECONDS, header=header, label=f"{tuner} {task.name}",
-        bar=f"{tuner} {task.name}",
+        bar=f"{tuner} {task.name}", safety_net=safety_net,
     )
     return run_one(one, storage, progress)
 
@@ -356,7 +334,13 @@ class OneRunTuner(Tuner, abc.ABC):
     read back from the storage, a run cut off mid-way continues from its
     checkpoint, and a partial study without a checkpoint is deleted and run
     again from round 0.
+
+    Attributes:
+        safety_net: keyword only; the run's :class:`~fathom_tune.SafetyNet`
+            (default :data:`DEFAULT_NET`), ``None`` to turn it off.
     """
+
+    safety_net: SafetyNet | None = dataclasses.field(default=DEFAULT_NET, kw_only=True)
 
     @abc.abstractmethod
     def schedule_for(self, engine: Engine) -> OneRunSchedule:
@@ -390,5 +374,6 @@ class OneRunTuner(Tuner, abc.ABC):
             checkpoint=path,
             progress=request.progress,
             header=self.header(request.task),
+            safety_net=self.safety_net,
             **self.engine_options(request.task),
         )
