@@ -37,16 +37,21 @@ from fathom_tune.fathom.sampler import report_divergence
 from fathom_tune.fathom.sampler import report_round
 from fathom_tune.fathom.optimize import optimize
 from fathom_tune.fathom.tuner import Fathom
+from fathom_tune.fathom.auto import AutoConfig
+from fathom_tune.fathom.auto import FathomAuto
 # isort: on
 
 from fathom_tune.tuning import registry as _tuners
 
 _tuners.register(Fathom())
+_tuners.register(FathomAuto())
 
 __all__ = [
     "DIVERGED_LR_FACTOR",
+    "AutoConfig",
     "ClientTracker",
     "Fathom",
+    "FathomAuto",
     "FathomConfig",
     "FathomSampler",
     "LocalAgreement",

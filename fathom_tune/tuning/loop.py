@@ -45,11 +45,15 @@ class Outcome:
         server: ``None``, or a function of the server optimizer state the next
             round would start from, giving the state it starts from instead
             (the safety net restarts a learned server step after a rejection).
+        params: ``None``, or the model the next round starts from instead of
+            the last accepted one (``fathom-auto`` returns to its best model when
+            validation falls).
     """
 
     stop: bool = False
     record: dict = dataclasses.field(default_factory=dict)
     server: Callable | None = None
+    params: object = None
 
 
 class Schedule(Protocol):
@@ -215,9 +219,13 @@ def run(
                     metrics = engine.evaluate(state.params, "validation")
             else:
                 state = dataclasses.replace(state, round=state.round + 1)
+            if metrics is not None and hasattr(schedule, "evaluated"):
+                schedule.evaluated(state.params)  # the model its metrics are of
             outcome = schedule.observe(result, metrics, accepted)
             if outcome.server is not None:
                 state = dataclasses.replace(state, opt_state=outcome.server(state.opt_state))
+            if outcome.params is not None:
+                state = dataclasses.replace(state, params=outcome.params)
             cost = cost + result.cost
             extra = outcome.record if accepted else {REJECTED: rejected, **outcome.record}
             rows.append(_row(result, metrics, accepted, cost, extra))

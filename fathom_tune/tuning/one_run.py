@@ -119,6 +119,14 @@ class OneRunSchedule(abc.ABC):
     def observed(self, result: RoundResult, metrics: dict | None, accepted: bool) -> None:
         """Sees a round once it is learnt, with its validation ``metrics`` (or ``None``)."""
 
+    def evaluated(self, params) -> None:
+        """Sees the model of a round that evaluated, before :meth:`observed` gets its metrics."""
+
+    def restart_model(self):
+        """Asked after :meth:`observed`: a model (params) the next round starts from instead of
+        the last accepted one, or ``None`` (default: continue)."""
+        return
+
     def columns(self, attrs: dict) -> dict:
         """The history columns of a round whose attributes are ``attrs``: its scalars."""
         return {k: v for k, v in attrs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

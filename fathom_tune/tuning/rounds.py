@@ -63,6 +63,9 @@ class Rounds:
         self.started = datetime.datetime.now()
         return self.schedule.propose(round_index)
 
+    def evaluated(self, params) -> None:
+        self.schedule.evaluated(params)
+
     def judge(self, result: RoundResult) -> str | None:
         """Why the net rejects ``result`` (``None``: kept); without a net, ``"non-finite"``
         for a round that is not finite."""
@@ -101,4 +104,5 @@ class Rounds:
         self.schedule.observed(result, metrics, accepted)
         server = None if rejection is None else functools.partial(self.schedule.kept_server, rejection=rejection)
         diverged = not accepted and (rejection is None or rejection.reason == record.NON_FINITE)
-        return Outcome(record={**self.schedule.columns(attrs), "diverged": diverged}, server=server)
+        return Outcome(record={**self.schedule.columns(attrs), "diverged": diverged}, server=server,
+                       params=self.schedule.restart_model())
