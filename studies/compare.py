@@ -43,7 +43,7 @@ than ``default`` names its studies' task ``<task>@<start>`` (``eta/10`` is
 figure of each tuner against static FedAvg from the same start, every loss
 flagged. Without ``--starts`` nothing of this runs.
 
-``--quick``: digits, tuners ``fathom fathom+server fedex fedhyper random tpe tpe+hyperband``, seeds 0 and 1,
+``--quick``: digits, tuners ``fathom fathom-auto fathom+server fedex fedhyper random tpe tpe+hyperband``, seeds 0 and 1,
 training runs of 50 rounds, baseline budget 6 runs (300 rounds): a few
 minutes on two CPU cores, compilation included.
 """
@@ -72,12 +72,12 @@ from studies._cli import (
 
 QUICK = {
     "task": "digits",
-    "tuners": ["fathom", "fathom+server", "fedex", "fedhyper", "random", "tpe", "tpe+hyperband"],
+    "tuners": ["fathom", "fathom-auto", "fathom+server", "fedex", "fedhyper", "random", "tpe", "tpe+hyperband"],
     "seeds": [0, 1],
     "rounds": 50,
     "budget_multiple": 6.0,
 }
-DEFAULT_TUNERS = ["fathom", "fathom+server", "fedex", "fedhyper", "random", "tpe", "tpe+hyperband"]
+DEFAULT_TUNERS = ["fathom", "fathom-auto", "fathom+server", "fedex", "fedhyper", "random", "tpe", "tpe+hyperband"]
 DEFAULT_SEEDS = [0, 1, 2]
 DEFAULT_MULTIPLE = 10.0
 

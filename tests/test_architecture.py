@@ -108,7 +108,7 @@ def test_every_registered_tuner_returns_the_same_result_type():
 def test_registry_lists_every_tuner_and_rejects_unknown_names_with_the_list():
     names = tuners.names()
     assert names[0] == "fathom" and set(baselines.REGISTRY) <= set(names)
-    with pytest.raises(ValueError, match=r"unknown tuner 'nope'; valid tuners: fathom, fathom\+server, fedex, fedex-auto, fedhyper, "):
+    with pytest.raises(ValueError, match=r"unknown tuner 'nope'; valid tuners: fathom, fathom\+server, fathom-auto, fedex, fedex-auto, fedhyper, "):
         tuners.get("nope")
     with pytest.raises(TypeError, match="must be a fathom_tune.tuners.Tuner"):
         tuners.register(object())

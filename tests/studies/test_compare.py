@@ -39,7 +39,7 @@ def _unwritable(tmp_path: pathlib.Path) -> pathlib.Path:
     "argv, message",
     [
         (["--task", "nope"], "valid tasks: digits"),
-        (["--tuners", "fathom", "bogus"], "valid tuners: fathom, fathom+server, fedex, fedex-auto, fedhyper, fedhyper-cl, fedhyper-full, fedhyper-g, fedhyper-gm, fedhyper-sl, gp, grid, random"),
+        (["--tuners", "fathom", "bogus"], "valid tuners: fathom, fathom+server, fathom-auto, fedex, fedex-auto, fedhyper, fedhyper-cl, fedhyper-full, fedhyper-g, fedhyper-gm, fedhyper-sl, gp, grid, random"),
         (["--rounds", "10", "--budget-rounds", "9"], "smaller than one training run"),
         (["--budget-multiple", "0.5"], "smaller than one training run"),
         (["--seeds", "-1"], "--seeds must be distinct ints >= 0"),
