@@ -37,10 +37,10 @@ from optuna.trial import FrozenTrial, TrialState
 from fathom_tune import checks, record
 from fathom_tune.engine import Cost, Engine, sample_clients
 from fathom_tune.hparams import NAMES, Bounds, HParams, local_step_counts
-from fathom_tune.storage import checkpoint as ckpt
-from fathom_tune.task import Task
 from fathom_tune.loop import Progress, Static
 from fathom_tune.loop import run as run_loop
+from fathom_tune.storage import checkpoint as ckpt
+from fathom_tune.task import Task
 
 __all__ = [
     "CHECKPOINT_KIND",

@@ -12,7 +12,13 @@ Example:
 """
 
 from fathom_tune.fathom.sampler import FATHOM_DIVERGED, FATHOM_G, FATHOM_H, FATHOM_REJECTED
-from fathom_tune.peers.fedex import FEDEX_ARMS, FEDEX_BASELINE, FEDEX_CANDIDATES, FEDEX_EXPLORING, FEDEX_THETA
+from fathom_tune.peers.fedex import (
+    FEDEX_ARMS,
+    FEDEX_BASELINE,
+    FEDEX_CANDIDATES,
+    FEDEX_EXPLORING,
+    FEDEX_THETA,
+)
 from fathom_tune.peers.fedhyper import FEDHYPER_A, FEDHYPER_BETA, FEDHYPER_BETA_MEAN
 from fathom_tune.storage.bulk import add_trials, set_study_attrs
 from fathom_tune.storage.reader import RunRecord, load_runs, read_run
@@ -47,13 +53,13 @@ __all__ = [
     "RESERVED_ROUNDS",
     "ROUND",
     "ROUNDS_PER_RUN",
-    "RunRecord",
     "STALE",
     "TEST",
     "UNITS",
     "VALIDATION",
     "WALL",
     "WORKER",
+    "RunRecord",
     "add_trials",
     "add_wall_time",
     "diverged",

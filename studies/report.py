@@ -36,8 +36,8 @@ import platform
 import numpy as np
 import pandas as pd
 
-from fathom_tune.storage import mask_url
 from fathom_tune.record import RunRecord, load_runs
+from fathom_tune.storage import mask_url
 from studies import figures
 from studies._cli import dashboard_command
 from studies.markdown import Doc, markdown_escape, markdown_table

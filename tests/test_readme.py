@@ -84,7 +84,7 @@ def test_readme_is_short_and_the_quick_start_is_on_the_first_screen():
 def _anchors(text: str) -> set[str]:
     # GitHub's heading ids: lower case, punctuation dropped, spaces to hyphens
     out = set()
-    for heading in re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", text, flags=re.DOTALL), flags=re.M):
+    for heading in re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", text, flags=re.DOTALL), flags=re.MULTILINE):
         out.add(re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-"))
     return out
 

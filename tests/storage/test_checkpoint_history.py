@@ -13,12 +13,12 @@ from _toy import toy_task
 
 import baselines
 from fathom_tune.engine import Cost, ServerState
+from fathom_tune.loop import Progress
 from fathom_tune.storage import checkpoint as ckpt
 from fathom_tune.storage import history as history_files
 from fathom_tune.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fathom_tune.tuning.driver import one_run_storage
-from fathom_tune.loop import Progress
 from fathom_tune.tuners import Request
+from fathom_tune.tuning.driver import one_run_storage
 
 KIND = "history-test"
 FINGERPRINT = {"task": "t", "seed": 1, "num_rounds": 1000}

@@ -22,8 +22,8 @@ import fathom_tune
 from baselines._objective import origin
 from fathom_tune import fedavg
 from fathom_tune.engine import Engine
-from fathom_tune.storage.checkpoint import load_checkpoint, save_checkpoint
 from fathom_tune.record import ROUND as ROUND_ATTR
+from fathom_tune.storage.checkpoint import load_checkpoint, save_checkpoint
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
