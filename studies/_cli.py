@@ -19,7 +19,7 @@ import threading
 __all__ = ["STARTS", "TASKS", "dashboard_command", "interruptible", "storage_problem", "unwritable_reason"]
 
 SQLITE = "sqlite:///"
-TASKS = ("digits", "shakespeare", "synthetic")
+TASKS = ("digits", "fashion_mnist", "shakespeare", "synthetic")
 """The built-in offline tasks, ``fathom_tune.tasks.REGISTRY``'s names, named here so that
 ``--help`` needs no JAX (a test keeps the two equal)."""
 STARTS = ("default", "eta/10", "eta*10", "B=4", "B=256")

@@ -32,6 +32,7 @@ from fathom_tune.tasks.synthetic import synthetic
 
 REGISTRY: dict[str, Callable[..., Task]] = {
     "digits": digits,
+    "fashion_mnist": fashion_mnist,
     "shakespeare": shakespeare,
     "synthetic": synthetic,
 }

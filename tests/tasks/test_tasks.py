@@ -18,6 +18,7 @@ digits_module = importlib.import_module("fathom_tune.tasks.digits")
 shakespeare_module = importlib.import_module("fathom_tune.tasks.shakespeare")
 synthetic_module = importlib.import_module("fathom_tune.tasks.synthetic")
 cache_module = importlib.import_module("fathom_tune.tasks.fedjax_cache")
+fashion_module = importlib.import_module("fathom_tune.tasks.fashion_mnist")
 
 
 @functools.cache
@@ -68,6 +69,8 @@ def test_offline_builder_contract(name, kwargs, x_shape, x_dtype, num_out):
 
 @pytest.mark.parametrize("name", sorted(tasks.REGISTRY))
 def test_same_seed_same_task_other_seed_other_split(name):
+    if name == "fashion_mnist" and not os.path.isdir(fashion_module.data_dir_of(None)):
+        pytest.skip("fashion_mnist needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
     a, b = tasks.get(name, seed=3), tasks.get(name, seed=3)
     assert list(a.validation.client_ids()) == list(b.validation.client_ids())
     for (ca, ea), (cb, eb) in zip(a.train.clients(), b.train.clients()):
@@ -123,7 +126,7 @@ def test_builders_reject_bad_arguments(name, kwargs, error, match):
 
 
 def test_registry_and_get():
-    assert set(tasks.REGISTRY) == {"digits", "shakespeare", "synthetic"}
+    assert set(tasks.REGISTRY) == {"digits", "fashion_mnist", "shakespeare", "synthetic"}
     assert set(tasks.__all__) >= {
         "digits",
         "shakespeare",
