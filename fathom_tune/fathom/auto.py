@@ -44,10 +44,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fathom_tune import checks
-from fathom_tune.engine import FEDAVG_SERVER, Engine, RoundResult, ServerState
-from fathom_tune.fathom.hypergrad import LocalAgreement, local_hypergradient, track_agreement
+from fathom_tune.engine import FEDAVG_SERVER, Engine, RoundResult
+from fathom_tune.fathom.hypergrad import LocalAgreement, track_agreement
 from fathom_tune.fathom.sampler import report_divergence, report_round
-from fathom_tune.fathom.schedule import FathomSchedule, _Attrs
+from fathom_tune.fathom.schedule import HypergradientSchedule, _Attrs
+from fathom_tune.fathom.state import DIVERGED_LR_FACTOR
 from fathom_tune.hparams import NAMES, HParams
 from fathom_tune.tuning.one_run import OneRunSchedule, OneRunTuner
 from fathom_tune.tuning.safety import Rejection
@@ -126,7 +127,7 @@ def auto_step(p, moments, H: float, G: float, config: AutoConfig, lower, upper):
     return out, (m, s, t)
 
 
-class _AutoSchedule(OneRunSchedule):
+class _AutoSchedule(HypergradientSchedule):
     """``fathom-auto`` on the one-run driver (see the module docstring)."""
 
     def __init__(self, engine: Engine, config: AutoConfig):
@@ -140,7 +141,8 @@ class _AutoSchedule(OneRunSchedule):
         self.metric = task.target.metric
         self.best = -math.inf  # mode * the best validation metric so far
         self.best_p = list(self.p)
-        self.best_params = jax.tree_util.tree_map(np.zeros_like, engine.init().params)
+        shapes = jax.eval_shape(task.model.init, jax.random.PRNGKey(0))
+        self.best_params = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), shapes)
         self.accepted = None  # the last accepted round's hyperparameters
         self._restart = self._evaluated = None
         self._row: dict = {}
@@ -152,13 +154,12 @@ class _AutoSchedule(OneRunSchedule):
         return self.bounds.clip(HParams(*[float(math.exp(x)) for x in p]))
 
     def learn(self, result: RoundResult, accepted: bool) -> dict:
-        G = local_hypergradient(result.statistic, result.num_examples)
-        H = float(result.opt_state.h) if accepted else math.nan
-        self._row = {"H": H, "G": G}
+        self._seen(result, accepted)
+        H, G = self._row["H"], self._row["G"]
         reported = _Attrs()
         if not accepted:  # non-finite without a net: halve eta
             report_divergence(reported)
-            self.p[0] = max(self.p[0] + math.log(0.5), math.log(self.lower[0]))
+            self.p[0] = max(self.p[0] + math.log(DIVERGED_LR_FACTOR), math.log(self.lower[0]))
             return dict(reported)
         report_round(reported, G=G, H=H)
         H, G = float(np.clip(H, -1.0, 1.0)), float(np.clip(G, -1.0, 1.0))
@@ -168,9 +169,9 @@ class _AutoSchedule(OneRunSchedule):
         return dict(reported)
 
     def rejected(self, result: RoundResult, rejection: Rejection) -> dict:
-        self._row = {"H": math.nan, "G": local_hypergradient(result.statistic, result.num_examples)}
+        self._seen(result, False)
         back = rejection.back_to or result.hparams
-        eta = back.learning_rate if rejection.reset else result.hparams.learning_rate * 0.5
+        eta = back.learning_rate if rejection.reset else result.hparams.learning_rate * DIVERGED_LR_FACTOR
         self.p = [math.log(v) for v in (eta, back.local_epochs, back.batch_size)]
         self.p[0] = max(self.p[0], math.log(self.lower[0]))
         return {}
@@ -184,7 +185,7 @@ class _AutoSchedule(OneRunSchedule):
         if limit is not None and math.isfinite(self.best) and value < self.best - limit * abs(self.best):
             self._restart = self.best_params
             self.p = list(self.best_p)
-            self.p[0] = max(self.p[0] + math.log(0.5), math.log(self.lower[0]))
+            self.p[0] = max(self.p[0] + math.log(DIVERGED_LR_FACTOR), math.log(self.lower[0]))
             self.moments = (0.0, 0.0, 0)
             self._row[AUTO_ROLLBACK] = 1.0
         elif value > self.best:
@@ -220,14 +221,6 @@ class _AutoSchedule(OneRunSchedule):
         self.moments, self.best = (m, s, int(t)), best
         self.best_params = jax.tree_util.tree_map(jnp.asarray, trees["best_params"])
 
-    def stored(self, state: ServerState):
-        return FathomSchedule.stored(self, state)
-
-    def unstored(self, fresh: ServerState, state: ServerState, trees: dict) -> ServerState:
-        return FathomSchedule.unstored(self, fresh, state, trees)
-
-    def history(self, frame):
-        return FathomSchedule.history(self, frame)
 
 
 @dataclasses.dataclass(frozen=True)

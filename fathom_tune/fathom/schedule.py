@@ -33,7 +33,7 @@ from fathom_tune.hparams import NAMES, HParams
 from fathom_tune.storage.record import NON_FINITE
 from fathom_tune.tuning.one_run import OneRunSchedule
 
-__all__ = ["ROUND_HEADER", "FathomSchedule"]
+__all__ = ["ROUND_HEADER", "FathomSchedule", "HypergradientSchedule"]
 
 _rounds_log = logging.getLogger("fathom_tune.rounds")
 """One INFO line per round (a command line turns it on to show the run as it happens)."""
@@ -41,7 +41,34 @@ _rounds_log = logging.getLogger("fathom_tune.rounds")
 ROUND_HEADER = f"{'round':>5} {'eta':>9} {'E':>8} {'B':>8} {'steps':>6} {'H':>7} {'G':>7} {'loss':>9}  validation"
 
 
-class FathomSchedule(OneRunSchedule):
+class HypergradientSchedule(OneRunSchedule):
+    """What every schedule on FATHOM's hypergradients shares (FATHOM's own and ``fathom-auto``):
+    the engine's server optimizer is ``track_agreement(...)``, whose state holds ``H``
+    and ``m``; the checkpoint keeps ``m`` apart (``momentum``) from the wrapped optimizer's
+    state, so the layout is the same whatever server optimizer it wraps; the history
+    leads with the hyperparameters, ``H`` and ``G``."""
+
+    def _seen(self, result: RoundResult, accepted: bool) -> None:
+        """The round's ``H`` (``nan`` when it was not accepted) and ``G``, in ``self._row``."""
+        G = local_hypergradient(result.statistic, result.num_examples)
+        # H = cos(m, u) came with the round, in the track_agreement state.
+        h = float(result.opt_state.h) if accepted else math.nan
+        self._row = {"H": h, "G": G}
+
+    def history(self, frame):
+        order = ["round", *NAMES, "local_steps", "H", "G", "train_loss"]
+        return frame[order + [c for c in frame.columns if c not in order]]
+
+    def stored(self, state: ServerState) -> tuple[ServerState, dict]:
+        tracked: TrackedState = state.opt_state
+        return dataclasses.replace(state, opt_state=tracked.inner), {"momentum": tracked.momentum}
+
+    def unstored(self, fresh: ServerState, state: ServerState, trees: dict) -> ServerState:
+        tracked = fresh.opt_state._replace(inner=state.opt_state, momentum=trees["momentum"])
+        return dataclasses.replace(state, opt_state=tracked)
+
+
+class FathomSchedule(HypergradientSchedule):
     """FATHOM as a one-run schedule: its state is the study's rounds and the server's ``m``.
 
     The hyperparameters come from :meth:`FathomSampler.after` the previous
@@ -67,12 +94,6 @@ class FathomSchedule(OneRunSchedule):
 
     def replay(self, round_index: int, trial) -> HParams:
         return HParams(**{n: trial.params[n] for n in NAMES})
-
-    def _seen(self, result: RoundResult, accepted: bool) -> None:
-        G = local_hypergradient(result.statistic, result.num_examples)
-        # H = cos(m, u) came with the round, in the track_agreement state.
-        h = float(result.opt_state.h) if accepted else math.nan
-        self._row = {"H": h, "G": G}
 
     def observed(self, result: RoundResult, metrics, accepted: bool) -> None:
         if _rounds_log.isEnabledFor(logging.INFO):
@@ -122,20 +143,8 @@ class FathomSchedule(OneRunSchedule):
     def restore(self, trees: dict) -> None:
         pass
 
-    def history(self, frame):
-        order = ["round", *NAMES, "local_steps", "H", "G", "train_loss"]
-        return frame[order + [c for c in frame.columns if c not in order]]
-
     def search_space(self, task) -> dict:
         return self.sampler.search_space
-
-    def stored(self, state: ServerState) -> tuple[ServerState, dict]:
-        tracked: TrackedState = state.opt_state
-        return dataclasses.replace(state, opt_state=tracked.inner), {"momentum": tracked.momentum}
-
-    def unstored(self, fresh: ServerState, state: ServerState, trees: dict) -> ServerState:
-        tracked = fresh.opt_state._replace(inner=state.opt_state, momentum=trees["momentum"])
-        return dataclasses.replace(state, opt_state=tracked)
 
 
 class _Attrs(dict):
