@@ -26,8 +26,9 @@ try:
     import flwr  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "fathom_tune.flower needs Flower (flwr>=1.20); install it with "
-        'pip install "fathom-tune[flower]"'
+        "fathom_tune.flower needs Flower (flwr>=1.42,<2, the flower extra); install it with "
+        'pip install "fathom-tune[flower]"',
+        name="flwr",  # what is missing: importers that skip without Flower look for it
     ) from exc
 
 # isort: off
