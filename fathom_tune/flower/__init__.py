@@ -3,7 +3,7 @@
 FATHOM ("Federated Hypergradient Descent", A. K. Kan, arXiv 2211.02106)
 tunes FedAvg's client learning rate, local epochs and batch size during one
 run, with nothing sent beyond FedAvg's messages and one scalar per client.
-This subpackage runs it on Flower's Message API (``flwr>=1.20``; install
+This subpackage runs it on Flower's Message API (``flwr>=1.42``; install
 with ``pip install "fathom-tune[flower]"``):
 
 * server: :class:`FathomFedAvg`, Flower's ``FedAvg`` whose ``(eta, E, B)``
